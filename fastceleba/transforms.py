@@ -1,0 +1,33 @@
+"""The one image geometry every loader and the shard tool share.
+
+The notebook's transform is ``Resize(64)`` (shorter side to 64, bilinear with antialiasing)
+followed by ``CenterCrop(64)``. Published CelebA-64 work first crops the centre 148x148 face
+region; ``crop=148`` does that. For a 178x218 CelebA image and size 64 the default keeps the
+full width and rows 7..71 of the 64x78 resized image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+
+def resize_crop(img: Image.Image, size: int = 64, crop: int | None = None) -> Image.Image:
+    """The reference transform on a PIL image (torchvision's own functions, as the notebook)."""
+    if crop is not None:
+        img = TF.center_crop(img, [crop, crop])
+    img = TF.resize(img, size)
+    return TF.center_crop(img, [size, size])
+
+
+def resize_crop_array(img: Image.Image, size: int = 64, crop: int | None = None) -> np.ndarray:
+    """``resize_crop`` as a ``size x size x 3`` uint8 array (HWC, RGB)."""
+    return np.asarray(resize_crop(img.convert("RGB"), size, crop), dtype=np.uint8)
+
+
+def resized_shape(height: int, width: int, size: int = 64) -> tuple[int, int]:
+    """(h, w) after resizing the shorter side to ``size``, rounded as torchvision does."""
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
