@@ -4,7 +4,7 @@
     ROOT/list_eval_partition.txt                "000001.jpg 0"            0 train, 1 valid, 2 test
     ROOT/list_attr_celeba.txt                   count, 40 names, "000001.jpg -1  1 ..."
     ROOT/identity_CelebA.txt                    "000001.jpg 2880"
-    ROOT/list_landmarks_align_celeba.txt        count, 10 names, "000001.jpg   69  109 ..."
+    ROOT/list_landmarks_align_celeba.txt        count, 10 names, "000001.jpg    69  109 ..."
 
 Every annotation file is optional. Parsers split on whitespace, so CRLF line endings and the
 official column padding both read; a malformed row is a DataError naming file and line.
