@@ -269,7 +269,7 @@ def _sample(ds: CelebA, name: str, split: str) -> dict:
     return sample
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -286,7 +286,7 @@ def _reusable(out: Path, record_path: Path, fingerprint: str) -> dict | None:
     tar, idx = out / record["tar"], out / record["index"]
     if record.get("fingerprint") != fingerprint or not tar.is_file() or not idx.is_file():
         return None
-    if tar.stat().st_size != record["bytes"] or _file_sha256(tar) != record["sha256"]:
+    if tar.stat().st_size != record["bytes"] or file_sha256(tar) != record["sha256"]:
         return None
     return record
 
