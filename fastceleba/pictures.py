@@ -1,0 +1,131 @@
+"""PNG pictures of a trained AE/VAE: reconstructions, prior samples, interpolations, attribute edits.
+
+Plain torchvision grids (no matplotlib); rows can carry a text label drawn with Pillow's default font.
+Every file is written atomically (temp file + os.replace).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
+
+from fastceleba.models import VAE
+
+PAD = 2
+
+
+def save_rows(rows: Sequence[torch.Tensor], path: str | os.PathLike, labels: Sequence[str] | None = None) -> Path:
+    """Save equally long rows of images (each N x 3 x H x W in [0, 1]) as one PNG grid, labels on the left."""
+    ncol = rows[0].shape[0]
+    grid = make_grid(torch.cat([r.detach().float().cpu().clamp(0, 1) for r in rows]), nrow=ncol,
+                     padding=PAD, pad_value=1.0)
+    img = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    if labels:
+        font = ImageFont.load_default()
+        width = max(int(ImageDraw.Draw(img).textlength(t, font=font)) for t in labels) + 8
+        canvas = Image.new("RGB", (img.width + width, img.height), "white")
+        canvas.paste(img, (width, 0))
+        draw = ImageDraw.Draw(canvas)
+        row_h = rows[0].shape[-2] + PAD
+        for i, text in enumerate(labels):
+            draw.text((4, PAD + i * row_h + row_h // 2 - 6), text, fill="black", font=font)
+        img = canvas
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        img.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The AE's output, or the VAE's deterministic reconstruction decode(mu)."""
+    if isinstance(model, VAE):
+        return model.decode(model.encode(x)[0])
+    return model(x)
+
+
+@torch.no_grad()
+def reconstructions(model: torch.nn.Module, x: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Originals (top row) above their reconstructions (bottom row)."""
+    return save_rows([x, reconstruct(model, x)], path, ["original", "reconstruction"])
+
+
+@torch.no_grad()
+def samples(model: VAE, path: str | os.PathLike, n: int = 64, seed: int = 0) -> Path:
+    """n faces decoded from z ~ N(0, I), 8 per row."""
+    device = next(model.parameters()).device
+    images = model.sample(n, generator=torch.Generator(device=device).manual_seed(seed))
+    return save_rows(list(images.split(8)), path)
+
+
+@torch.no_grad()
+def interpolation(model: VAE, x: torch.Tensor, path: str | os.PathLike, steps: int = 8) -> Path:
+    """For pairs of faces (x[0], x[1]), (x[2], x[3]), ...: a row original a, decode((1-t) mu_a + t mu_b), original b."""
+    mu = model.encode(x)[0]
+    t = torch.linspace(0, 1, steps, device=mu.device).view(-1, 1)
+    rows = []
+    for a in range(0, x.shape[0] - 1, 2):
+        z = (1 - t) * mu[a] + t * mu[a + 1]
+        rows.append(torch.cat([x[a : a + 1], model.decode(z), x[a + 1 : a + 2]]))
+    return save_rows(rows, path)
+
+
+@torch.no_grad()
+def attribute_vectors(model: VAE, loader: Iterable[dict], accelerator: Any, max_images: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Per attribute: mean mu of faces with it minus mean mu of faces without it (40 x latent_dim).
+
+    One pass over ``loader`` (every rank must call it; sums are reduced over ranks), stopping after about
+    max_images images in all. Returns (vectors, count_with, count_without), or None if batches carry no "attr".
+    """
+    sums = counts = None
+    seen = 0
+    per_step = None
+    for batch in loader:
+        if "attr" not in batch:
+            return None
+        w = batch["valid"].float()
+        with accelerator.autocast():
+            mu = model.encode(batch["image"])[0].float()
+        pos = (batch["attr"] > 0).float() * w[:, None]  # B x 40
+        neg = (batch["attr"] < 0).float() * w[:, None]
+        part = torch.stack([pos.T @ mu, neg.T @ mu])  # 2 x 40 x latent
+        cnt = torch.stack([pos.sum(0), neg.sum(0)])  # 2 x 40
+        sums = part if sums is None else sums + part
+        counts = cnt if counts is None else counts + cnt
+        per_step = per_step or batch["image"].shape[0] * accelerator.num_processes
+        seen += per_step
+        if max_images is not None and seen >= max_images:
+            break  # the same number of batches on every rank, since all ranks see equal batch counts
+    if sums is None:
+        return None
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums.clone(), reduction="sum")
+        counts = accelerator.reduce(counts.clone(), reduction="sum")
+    means = sums / counts.clamp(min=1)[..., None]
+    return means[0] - means[1], counts[0], counts[1]
+
+
+@torch.no_grad()
+def attribute_edits(model: VAE, x: torch.Tensor, vectors: dict[str, torch.Tensor], path: str | os.PathLike,
+                    scale: float = 1.0) -> Path:
+    """Rows: originals, decode(mu), then decode(mu + scale * vector) for each named attribute vector."""
+    mu = model.encode(x)[0]
+    rows, labels = [x, model.decode(mu)], ["original", "reconstruction"]
+    for name, vec in vectors.items():
+        rows.append(model.decode(mu + scale * vec.to(mu)))
+        labels.append(f"+{name}")
+    return save_rows(rows, path, labels)

@@ -1,0 +1,524 @@
+#!/usr/bin/env python
+"""Train the seed notebook's autoencoder (--model ae) or VAE (--model vae) on CelebA shards.
+
+The same script runs on one CPU, one GPU, several GPUs or several CPU processes, through Hugging Face
+Accelerate:
+
+    python fastceleba/train.py --data shards --out runs/vae                       # one device, fp32
+    accelerate launch --mixed_precision bf16 fastceleba/train.py --data shards    # bf16 autocast
+    accelerate launch --multi_gpu --num_processes 4 fastceleba/train.py --data shards
+
+It writes into --out: metrics.jsonl (one JSON line per epoch: train loss, images/s, valid metrics),
+summary.json (final test metrics beside the mean-image baseline), model.safetensors + config.json
+(fastceleba.models.load_pretrained reads them), reconstructions.png (+ samples.png, interpolation.png,
+attributes.png for the VAE) and checkpoints/epoch_N (the last two; --resume continues from the newest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# `python fastceleba/train.py` puts fastceleba/ itself first on sys.path. Put the repository root there
+# instead, so `import fastceleba` works without `pip install -e .` and our module names (metrics,
+# pictures, ...) can never shadow installed packages.
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_tensorboard_available, set_seed
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from fastceleba import pictures
+from fastceleba.errors import DataError
+from fastceleba.loaders import KINDS, make_loader
+from fastceleba.metrics import evaluate, mean_image
+from fastceleba.models import VAE, ae_loss, build_model, save_pretrained, vae_loss
+from fastceleba.shards import load_manifest
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
+PICTURE_ATTRIBUTES = ("Smiling", "Eyeglasses")
+CHECKPOINT_FORMAT = "fastceleba-checkpoint"
+KEEP_CHECKPOINTS = 2
+
+EPILOG = """\
+mixed precision and devices are Accelerate's: `accelerate launch --mixed_precision bf16 ...` (or
+`accelerate config`); several processes on a machine without a GPU train together over gloo.
+On a CPU, plain `python` uses all cores; `accelerate launch` sets OMP_NUM_THREADS=1 unless given
+`--cpu` or `--num_cpu_threads_per_process N`.
+
+exit status: 0 done; 2 bad input or usage (missing shards, a checkpoint of another model, bad flags);
+3 the loss became NaN/inf (training diverged; lower --lr; the last good checkpoint is kept). Under
+`accelerate launch` with several processes each process exits so and the launcher itself exits 1.
+"""
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
+def default_loader() -> str:
+    """DALI where it is installed and a GPU can decode; otherwise the in-memory decoded cache."""
+    if importlib.util.find_spec("nvidia.dali") is not None and torch.cuda.is_available():
+        return "dali"
+    return "cache"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("ae", "vae"), default="vae",
+                   help="the notebook's autoencoder or its VAE (default: vae, the notebook's final model and the "
+                        "one that can also generate faces)")
+    p.add_argument("--data", required=True, help="shard directory written by tools/shard.py (holds manifest.json)")
+    p.add_argument("--loader", choices=KINDS, default=default_loader(),
+                   help="data loader kind (default here: %(default)s; dali where a GPU exists, else cache)")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training split (notebook: 5)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per step on each process (notebook: 128)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate (notebook: 1e-3); on --resume it replaces the checkpoint's")
+    p.add_argument("--latent-dim", type=int, default=80, help="VAE latent size (notebook: 80); the AE has none")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="weight of the VAE's KL term (notebook: 1, the plain ELBO; other values: beta-VAE)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and the VAE's noise")
+    p.add_argument("--compile", action="store_true",
+                   help="run model and loss through torch.compile as one graph (the first steps compile)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<model>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in OUT/checkpoints (starts afresh if none)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps in all (smoke runs); a cut epoch is not checkpointed")
+    p.add_argument("--crop", type=int, default=None,
+                   help="centre crop (pixels) before resizing to 64, e.g. 148; default: the notebook's resize+crop")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips of training images")
+    p.add_argument("--workers", type=int, default=2, help="loader worker threads/processes per training process")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate on the valid split every N epochs and after the last (0: never)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between progress-bar updates and NaN checks")
+    p.add_argument("--attr-images", type=int, default=20000,
+                   help="training images encoded to build the attribute vectors of attributes.png")
+    p.add_argument("--no-test", action="store_true",
+                   help="skip the final test evaluation (for model selection, e.g. tools/sweep.py)")
+    p.add_argument("--no-pictures", action="store_true", help="write no PNG pictures")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "latent_dim", "log_every", "workers", "eval_every", "attr_images"):
+        minimum = 0 if name in ("workers", "eval_every", "attr_images") else 1
+        if getattr(args, name) < minimum:
+            p.error(f"--{name.replace('_', '-')} must be >= {minimum}")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error("--max-steps must be >= 1")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error("--lr must be a positive number")
+    args.out = args.out or os.path.join("runs", args.model)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- small helpers
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a temp file beside path, then os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_size(manifest: dict, split: str) -> int:
+    return int(manifest.get("splits", {}).get(split, {}).get("num_samples", 0))
+
+
+def compute_loss(model: torch.nn.Module, x: torch.Tensor, kind: str, beta: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, loss to report): the notebook's objectives.
+
+    AE: mean squared error (nn.MSELoss). VAE: squared error + beta * KLD summed over the batch, as the
+    notebook; reported per image (the notebook printed loss / len(img)).
+    """
+    if kind == "ae":
+        loss = ae_loss(model(x), x)
+        return loss, loss
+    recon, mu, logvar = model(x)
+    loss = vae_loss(recon, x, mu, logvar, beta)[0]
+    return loss, loss / x.shape[0]
+
+
+def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, compile: bool = False):
+    """x -> compute_loss(model, x, kind, beta); with compile=True, model and loss go through torch.compile as
+    one graph, so the loss and its backward fuse with the decoder (on 2 CPU cores: 1.2-1.5x eager, against
+    1.1-1.3x when compiling the model alone)."""
+    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return compute_loss(model, x, kind, beta)
+
+    return torch.compile(loss_fn) if compile else loss_fn
+
+
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics.jsonl line (inf for a line a crash cut short, so it is dropped)."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def model_desc(name: str, latent_dim: int | None) -> str:
+    return f"--model {name}" + (f" --latent-dim {latent_dim}" if name == "vae" else "")
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (epoch, dir), oldest first; half-written ones live in .tmp-* dirs and are ignored."""
+    found = []
+    if ckpt_dir.is_dir():
+        for d in ckpt_dir.iterdir():
+            m = re.fullmatch(r"epoch_(\d+)", d.name)
+            if m and (d / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def read_trainer_state(ckpt: Path, args: argparse.Namespace) -> dict:
+    """The checkpoint's own record (plain JSON); DataError if it belongs to another model or latent size."""
+    path = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        assert state.get("format") == CHECKPOINT_FORMAT and isinstance(state.get("epoch"), int)
+    except (OSError, ValueError, AssertionError):
+        raise DataError(f"{path}: not a fastceleba checkpoint record; delete {ckpt} or pick a new --out") from None
+    want = (args.model, args.latent_dim if args.model == "vae" else None)
+    have = (state.get("model"), state.get("latent_dim"))
+    if have != want:
+        raise DataError(f"{ckpt}: checkpoint is for {model_desc(*have)}, not {model_desc(*want)}; "
+                        f"pass the same flags to --resume it, or pick a new --out")
+    return state
+
+
+def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, record: dict) -> Path:
+    """accelerator.save_state into a temp dir, then rename it to epoch_N: a crash leaves the older ones intact."""
+    final = ckpt_dir / f"epoch_{record['epoch']}"
+    tmp = ckpt_dir / f".tmp-epoch_{record['epoch']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # weights (safetensors), optimizer, RNG state of every rank
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / "trainer_state.json", record)  # written last: marks the checkpoint complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_weight_hooks(accelerator: Accelerator) -> None:
+    """Store checkpoint weights under plain layer names and load them without pickle.
+
+    Accelerate would save DDP weights as "module.*"; the hooks keep checkpoints independent of the number
+    of processes and give a DataError, not a stack trace, for weights of another shape.
+    """
+    def on_save(models: list, weights: list, output_dir: str) -> None:
+        weights[:] = [accelerator.unwrap_model(m).state_dict() for m in models]
+
+    def on_load(models: list, input_dir: str) -> None:
+        path = Path(input_dir) / "model.safetensors"
+        for model in models:
+            target = accelerator.unwrap_model(model)
+            try:
+                tensors = load_file(str(path))  # safetensors: never unpickles
+            except Exception as e:
+                raise DataError(f"{path}: unreadable ({e}); delete {input_dir} to resume from an older one") from None
+            expected = target.state_dict()
+            if tensors.keys() != expected.keys() or any(tensors[k].shape != v.shape for k, v in expected.items()):
+                raise DataError(f"{path}: weights do not fit this model; resume with the flags that made it "
+                                f"or pick a new --out")
+            target.load_state_dict(tensors)
+        models.clear()  # loaded here; Accelerate must not load them again
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
+
+
+# ------------------------------------------------------------------------------------------------------- loop
+def check_finite(accelerator: Accelerator, bad_steps: torch.Tensor, step: int, args: argparse.Namespace,
+                 last_good: Path | None) -> None:
+    """Raise Diverged (on every rank alike) once any rank has seen a NaN/inf loss."""
+    bad = bad_steps.clone()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+        raise Diverged(f"the loss became NaN/inf by step {step}: training diverged; lower --lr "
+                       f"(it is {args.lr:g}); {kept}")
+
+
+def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, loss_fn: Any,
+                    optimizer: torch.optim.Optimizer, loader: Any, epoch: int, step: int,
+                    last_good: Path | None) -> tuple[int, int, float, int, float]:
+    """One pass over the training loader; returns (step, steps, mean shown loss over ranks, images, seconds)."""
+    model.train()
+    device = accelerator.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+    steps, images = 0, 0
+    start = time.perf_counter()
+    # `with`: the bar is cleared before an exception (Diverged) prints its message
+    with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
+              dynamic_ncols=True, disable=not accelerator.is_main_process) as bar:
+        for batch in loader:
+            x = batch["image"]
+            loss, shown = loss_fn(x)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            shown = shown.detach()
+            loss_sum += shown
+            bad_steps += (~torch.isfinite(shown)).long()
+            steps, step = steps + 1, step + 1
+            images += x.shape[0] * accelerator.num_processes
+            done = args.max_steps is not None and step >= args.max_steps
+            if steps % args.log_every == 0 or steps == len(loader) or done:
+                check_finite(accelerator, bad_steps, step, args, last_good)
+                bar.set_postfix(loss=f"{shown.item():.4g}", img_s=f"{images / (time.perf_counter() - start):.0f}")
+            bar.update()
+            if done:
+                break
+    check_finite(accelerator, bad_steps, step, args, last_good)
+    seconds = time.perf_counter() - start
+    totals = torch.stack([loss_sum, torch.tensor(float(steps), dtype=torch.float64, device=device)])
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return step, steps, float(totals[0] / totals[1]) if steps else float("nan"), images, seconds
+
+
+def format_metrics(m: dict) -> str:
+    if not m.get("num_samples"):
+        return "no images"
+    text = f"mse {m['mse']:.5f} psnr {m['psnr']:.2f} dB r2 {m['r2']:.3f}"
+    if "neg_elbo" in m:
+        text += f" -elbo {m['neg_elbo']:.1f} kld {m['kld']:.1f}"
+    return text + f" (mean-image baseline: mse {m['baseline_mse']:.5f} psnr {m['baseline_psnr']:.2f} dB)"
+
+
+def make_pictures(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, test_loader: Any,
+                  attr_loader: Any, attr_names: list[str], out: Path) -> list[str]:
+    """Write the PNGs (every rank calls this: the attribute vectors need all ranks); returns the file names."""
+    log = accelerator.print
+    vectors: dict[str, torch.Tensor] = {}
+    if isinstance(model, VAE):
+        found = pictures.attribute_vectors(model, attr_loader, accelerator, args.attr_images)
+        if found is None:
+            log(f"note: the {args.loader} loader gives no 'attr' labels; skipping attributes.png")
+        else:
+            vecs, n_with, n_without = found
+            for name in PICTURE_ATTRIBUTES:
+                if name not in attr_names:
+                    log(f"note: the shards have no attribute {name}; attributes.png leaves it out")
+                    continue
+                i = attr_names.index(name)
+                if n_with[i] == 0 or n_without[i] == 0:
+                    log(f"note: no training face {'with' if n_with[i] == 0 else 'without'} {name}; "
+                        f"attributes.png leaves it out")
+                    continue
+                vectors[name] = vecs[i]
+    written: list[str] = []
+    if accelerator.is_main_process:
+        faces = None
+        for batch in test_loader:
+            faces = batch["image"][batch["valid"]][:8]
+            break
+        if faces is None or faces.shape[0] == 0:
+            log("note: the test split is empty; no pictures")
+            return written
+        with accelerator.autocast():
+            written.append(pictures.reconstructions(model, faces, out / "reconstructions.png").name)
+            if isinstance(model, VAE):
+                written.append(pictures.samples(model, out / "samples.png", seed=args.seed).name)
+                if faces.shape[0] >= 2:
+                    written.append(pictures.interpolation(model, faces, out / "interpolation.png").name)
+                if vectors:
+                    written.append(pictures.attribute_edits(model, faces, vectors, out / "attributes.png").name)
+    return written
+
+
+def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
+    # Without CUDA, `accelerate launch --multi_gpu --num_processes N` would start N processes that each
+    # train alone (DistributedType.NO); cpu=True makes them one gloo process group.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    log_with = "tensorboard" if is_tensorboard_available() else None
+    return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(out))
+
+
+def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """Run the whole job (every rank calls it); returns this rank's trained model (unwrapped) and the summary."""
+    data, out = Path(args.data), Path(args.out)
+    manifest = load_manifest(data)  # DataError naming the fix when there are no shards
+    sizes = {s: split_size(manifest, s) for s in ("train", "valid", "test")}
+    accelerator = make_accelerator(args, out)
+    log = accelerator.print
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if sizes["train"] < args.batch_size * world:
+        raise DataError(f"{data / 'manifest.json'}: {sizes['train']} training images are fewer than one step "
+                        f"({args.batch_size} x {world} processes); lower --batch-size")
+
+    ckpt_dir = out / "checkpoints"
+    found = checkpoints(ckpt_dir)
+    if found and not args.resume:
+        raise DataError(f"{ckpt_dir}: holds checkpoints of an earlier run; pass --resume to continue it, "
+                        f"or pick a new --out")
+    resume = found[-1][1] if args.resume and found else None
+    state = read_trainer_state(resume, args) if resume else None
+
+    set_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(args.model, args.latent_dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)  # loaders are sharded already: never prepared
+    raw = accelerator.unwrap_model(model)
+    loss_fn = make_loss_fn(model, args.model, args.beta, args.compile)
+    register_weight_hooks(accelerator)
+
+    def loader(split: str, **kw: Any) -> Any:
+        kw.setdefault("batch_size", args.batch_size)
+        return make_loader(args.loader, str(data), split, device=accelerator.device, seed=args.seed, rank=rank,
+                           world_size=world, num_workers=args.workers, crop=args.crop, **kw)
+
+    train_loader = loader("train", shuffle=True, drop_last=True, flip=args.flip)
+    # In order, unaugmented, every image once: the mean image and the attribute vectors. For "cache" this
+    # pass streams with "turbo" (the cache's own decoder) instead of holding the train split twice in memory.
+    plain_train = make_loader("turbo" if args.loader == "cache" else args.loader, str(data), "train",
+                              args.batch_size, device=accelerator.device, seed=args.seed, rank=rank,
+                              world_size=world, num_workers=args.workers, crop=args.crop)
+    valid_loader = loader("valid") if sizes["valid"] else None
+    test_loader = loader("test") if sizes["test"] else None
+
+    start_epoch, step = 0, 0
+    if state is not None:
+        accelerator.load_state(str(resume))  # weights via our hook; optimizer and RNG with weights_only=True
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+        start_epoch, step = state["epoch"], state["step"]
+        if (state.get("num_processes"), state.get("batch_size"), state.get("seed")) != (world, args.batch_size,
+                                                                                        args.seed):
+            log("note: processes, batch size or seed differ from the checkpoint's; the data order will not "
+                "match an uninterrupted run")
+        log(f"resuming from {resume} (epoch {start_epoch}, step {step})")
+    elif args.resume:
+        log(f"no checkpoint in {ckpt_dir}; starting afresh")
+
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for partial in ckpt_dir.glob(".tmp-*"):  # saves cut short by a crash
+            shutil.rmtree(partial, ignore_errors=True)
+        # Keep only the lines of the epochs this run continues from, so metrics.jsonl tells one story.
+        old = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []
+        kept = [line for line in old if _epoch_of(line) <= start_epoch]
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".metrics.jsonl.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in kept)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, metrics_path)
+    if log_trackers := accelerator.log_with:
+        accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+    precision = accelerator.mixed_precision
+    log(f"training {model_desc(args.model, args.latent_dim)} on {world} x {accelerator.device} "
+        f"({accelerator.distributed_type}, mixed precision {precision}), loader {args.loader}, "
+        f"{sizes['train']}/{sizes['valid']}/{sizes['test']} train/valid/test images, "
+        f"{len(train_loader)} steps per epoch")
+
+    baseline = None
+    last_good = found[-1][1] if resume else None
+    valid_metrics: dict = {}
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+        # The VAE's noise is a function of (seed, epoch, rank), so a resumed run redraws the same noise.
+        set_seed(args.seed + 1000 * (epoch + 1), device_specific=True)
+        train_loader.set_epoch(epoch)
+        step, steps, train_loss, images, seconds = train_one_epoch(args, accelerator, model, loss_fn, optimizer,
+                                                                   train_loader, epoch, step, last_good)
+        complete = steps == len(train_loader)  # False when --max-steps cut the epoch
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+                                  "images_per_s": images / seconds, "seconds": seconds}
+        if not complete:
+            record["partial"] = True
+        last = epoch + 1 == args.epochs or not complete
+        if valid_loader and args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
+            if baseline is None:
+                baseline = mean_image(plain_train, accelerator)
+            record["valid"] = valid_metrics = evaluate(raw, valid_loader, accelerator, baseline, seed=args.seed)
+        if complete:
+            last_good = save_checkpoint(accelerator, ckpt_dir, {
+                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": step, "model": args.model,
+                "latent_dim": args.latent_dim if args.model == "vae" else None, "num_processes": world,
+                "batch_size": args.batch_size, "seed": args.seed, "loader": args.loader})
+        log(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss {train_loss:.5g}, "
+            f"{record['images_per_s']:.0f} img/s" + (f"; valid {format_metrics(record['valid'])}"
+                                                     if "valid" in record else ""))
+        if accelerator.is_main_process:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if log_trackers:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            flat.update({f"valid/{k}": v for k, v in record.get("valid", {}).items()})
+            accelerator.log(flat, step=step)
+
+    if valid_loader and args.eval_every and not valid_metrics:  # e.g. --resume of a finished run
+        baseline = mean_image(plain_train, accelerator) if baseline is None else baseline
+        valid_metrics = evaluate(raw, valid_loader, accelerator, baseline, seed=args.seed)
+    summary: dict[str, Any] = {"model": args.model, "latent_dim": args.latent_dim if args.model == "vae" else None,
+                               "steps": step, "num_processes": world, "device": str(accelerator.device),
+                               "mixed_precision": precision, "args": vars(args), "valid": valid_metrics}
+    if test_loader and not args.no_test:
+        if baseline is None:
+            baseline = mean_image(plain_train, accelerator)
+        summary["test"] = evaluate(raw, test_loader, accelerator, baseline, seed=args.seed)
+        log(f"test: {format_metrics(summary['test'])}")
+    if not args.no_pictures and test_loader:
+        summary["pictures"] = make_pictures(args, accelerator, raw, test_loader, plain_train,
+                                            manifest.get("attr_names", []), out)
+    if accelerator.is_main_process:
+        save_pretrained(raw, out, {"image_size": 64, "crop": args.crop, "steps": step})
+        write_json(out / "summary.json", summary)
+        log(f"wrote {out / 'model.safetensors'} and {out / 'summary.json'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return raw, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

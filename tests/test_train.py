@@ -1,0 +1,240 @@
+"""fastceleba/train.py end to end on a small synthetic CelebA: learning, resume, two CPU processes, bad input.
+
+Runs are real subprocesses of the command-line script (`python fastceleba/train.py`, `accelerate launch`)
+on real shards, with the in-memory "cache" loader and a handful of small steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fastceleba.models import load_pretrained
+from fastceleba.shards import ShardOptions, write_shards
+from fastceleba.synth import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "fastceleba" / "train.py"
+# 250 images -> 200 train / 25 valid / 25 test: odd valid/test sizes, so two ranks need a padding sample.
+NUM_IMAGES, SPLITS = 250, {"train": 200, "valid": 25, "test": 25}
+FAST = ["--loader", "cache", "--batch-size", "8", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("celeba250")
+    generate(root, NUM_IMAGES, seed=0, progress=False)
+    out = tmp_path_factory.mktemp("shards250")
+    write_shards(root, out, ShardOptions(size=64, shard_size=50), progress=False)
+    return out
+
+
+def run(*args: str | Path, launcher: list[str] | None = None, script: Path = TRAIN) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [*(launcher or [sys.executable]), str(script), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("model", ["ae", "vae"])
+def test_short_run_learns_and_beats_mean_image(data, tmp_path, model):
+    # 4 epochs x 25 steps: seeds 0-4 all end with valid MSE 20-35% below the mean-image baseline (VAE).
+    out = tmp_path / model
+    ok(run("--model", model, "--data", data, "--out", out, "--epochs", "4", "--seed", "1", *FAST))
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["train_loss"] < 0.9 * rows[0]["train_loss"]
+    valid = rows[-1]["valid"]
+    assert valid["num_samples"] == SPLITS["valid"]
+    assert valid["mse"] < 0.9 * valid["baseline_mse"] and valid["r2"] > 0
+    assert valid["psnr"] > valid["baseline_psnr"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    test = summary["test"]
+    assert test["num_samples"] == SPLITS["test"] and test["mse"] < test["baseline_mse"]
+    if model == "vae":
+        assert test["kld"] > 0 and test["neg_elbo"] > test["kld"]
+        pictures = ["reconstructions.png", "samples.png", "interpolation.png", "attributes.png"]
+    else:
+        assert "kld" not in test
+        pictures = ["reconstructions.png"]
+    assert summary["pictures"] == pictures
+    for name in pictures:
+        with Image.open(out / name) as img:
+            img.verify()
+    with Image.open(out / "reconstructions.png") as img:  # 8 faces across, originals above reconstructions
+        assert img.height == 2 * (64 + 2) + 2 and img.width > 8 * (64 + 2)
+
+    # The final weights load back, and equal those of the last checkpoint.
+    loaded, config = load_pretrained(out)
+    assert config["model"] == model and config.get("latent_dim") == (80 if model == "vae" else None)
+    last = load_file(out / "checkpoints" / "epoch_4" / "model.safetensors")
+    assert all(torch.equal(last[k], v) for k, v in loaded.state_dict().items())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_3", "epoch_4"]  # keeps 2
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(data, tmp_path):
+    common = ["--data", data, "--epochs", "2", "--flip", "--no-pictures", *FAST]
+    ok(run(*common, "--out", tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    ok(run(*common, "--out", cut, "--max-steps", "37"))  # stops inside epoch 2: only epoch_1 is saved
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["epoch_1"]
+    assert metrics(cut)[-1].get("partial") is True
+    proc = ok(run(*common, "--out", cut, "--resume"))
+    assert "resuming from" in proc.stdout + proc.stderr
+
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert [r["epoch"] for r in metrics(cut)] == [1, 2]  # the cut epoch's line was replaced
+    assert metrics(cut)[1]["train_loss"] == metrics(tmp_path / "whole")[1]["train_loss"]
+
+
+def test_two_cpu_processes_train_together(data, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    ok(run("--data", data, "--out", out, "--epochs", "1", "--no-pictures", *FAST,
+           launcher=launcher, script=ROOT / "tests" / "train_rank_hash.py"))
+    hashes = {p.read_text() for p in out.glob("weights-rank*.sha256")}
+    assert len(list(out.glob("weights-rank*.sha256"))) == 2 and len(hashes) == 1  # identical replicas
+    summary = json.loads((out / "summary.json").read_text())
+    # Together, not twice alone: 2 processes, half the steps (200 // 2 // 8 = 12), every sample counted once.
+    assert summary["num_processes"] == 2 and summary["steps"] == 12
+    assert summary["valid"]["num_samples"] == SPLITS["valid"]
+    assert summary["test"]["num_samples"] == SPLITS["test"]
+    assert sorted(p.name for p in (out / "checkpoints" / "epoch_1").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+
+@pytest.mark.parametrize("kind", ["pil", "turbo", "wds", "dali"])
+def test_every_loader_kind_trains_and_evaluates(data, tmp_path, kind):
+    out = tmp_path / kind
+    proc = ok(run("--data", data, "--out", out, "--loader", kind, "--max-steps", "3", "--batch-size", "8",
+                  "--workers", "1"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["args"]["loader"] == kind
+    assert summary["valid"]["num_samples"] == SPLITS["valid"] and summary["test"]["num_samples"] == SPLITS["test"]
+    if kind == "pil":  # the image folder has no labels: no attribute vectors
+        assert "attributes.png" not in summary["pictures"]
+        assert "gives no 'attr' labels; skipping attributes.png" in proc.stdout
+    else:
+        assert "attributes.png" in summary["pictures"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(data, tmp_path_factory) -> Path:
+    """A finished 1-epoch VAE run with its checkpoint (tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    ok(run("--data", data, "--out", out, "--epochs", "1", "--no-pictures", "--no-test", *FAST))
+    return out
+
+
+def test_missing_shards_is_a_one_line_error(tmp_path):
+    proc = run("--data", tmp_path, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert f"error: {tmp_path / 'manifest.json'}: no such file; make shards with `python tools/shard.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_another_model(data, one_epoch, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    for flags, what in ((["--latent-dim", "16"], "--model vae --latent-dim 16"), (["--model", "ae"], "--model ae;")):
+        proc = run("--data", data, "--out", out, "--resume", "--epochs", "2", *flags, *FAST)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "checkpoint is for --model vae --latent-dim 80, not " + what in proc.stderr
+    proc = run("--data", data, "--out", out, "--epochs", "2", *FAST)  # no --resume: would mix two runs
+    assert proc.returncode == 2 and "pass --resume" in proc.stderr
+
+
+def test_divergence_stops_with_status_3_and_keeps_last_checkpoint(data, one_epoch, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    ckpt = out / "checkpoints" / "epoch_1"
+    before = weights_digest(ckpt / "model.safetensors")
+    # Adam steps of size ~1e10 overflow the activations to inf within a few steps: a real, seeded divergence.
+    proc = run("--data", data, "--out", out, "--resume", "--epochs", "2", "--lr", "1e10", *FAST)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "training diverged; lower --lr" in proc.stderr and str(ckpt) in proc.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_1"]
+    assert weights_digest(ckpt / "model.safetensors") == before
+    assert [r["epoch"] for r in metrics(out)] == [1]
+
+
+def test_interrupted_save_keeps_previous_checkpoint(data, one_epoch, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from fastceleba import train
+
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    before = weights_digest(out / "checkpoints" / "epoch_1" / "model.safetensors")
+    real_save = Accelerator.save_state
+
+    def save_then_fail(self, output_dir, **kw):  # the disk fills up half-way through the save
+        real_save(self, output_dir, **kw)
+        (Path(output_dir) / "optimizer.bin").write_bytes(b"\0" * 10)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_fail)
+    args = train.parse_args(["--data", str(data), "--out", str(out), "--resume", "--epochs", "2", "--no-pictures",
+                             "--no-test", *FAST])
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            train.train(args)
+    finally:
+        AcceleratorState._reset_state(True)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [".tmp-epoch_2", "epoch_1"]  # the cut save never became epoch_2
+    assert weights_digest(out / "checkpoints" / "epoch_1" / "model.safetensors") == before
+
+    monkeypatch.undo()  # the next run resumes from epoch_1 and clears the leftover
+    ok(run("--data", data, "--out", out, "--resume", "--epochs", "2", "--no-pictures", "--no-test", *FAST))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1", "epoch_2"]
+
+
+def test_help_documents_exit_codes():
+    proc = run("--help")
+    assert proc.returncode == 0
+    assert "exit status: 0 done; 2 bad input" in proc.stdout and "3 the loss became NaN/inf" in proc.stdout
+
+
+def test_sweep_chooses_on_valid_and_reports_test(data, tmp_path):
+    out = tmp_path / "sweep"
+    proc = ok(run("--data", data, "--out", out, "--latent-dims", "4,32", "--", "--epochs", "1",
+                  "--no-pictures", *FAST, script=ROOT / "tools" / "sweep.py"))
+    result = json.loads((out / "sweep.json").read_text())
+    runs = {r["latent_dim"]: r for r in result["runs"]}
+    assert set(runs) == {4, 32} and all(r["status"] == "ok" for r in runs.values())
+    best = min(runs.values(), key=lambda r: r["neg_elbo"])
+    assert result["best"]["latent_dim"] == best["latent_dim"]
+    assert result["best"]["test"]["num_samples"] == SPLITS["test"]
+    for r in runs.values():  # sweep runs never look at test
+        assert "test" not in json.loads((Path(r["run"]) / "summary.json").read_text())
+    assert (out / "sweep.csv").read_text().splitlines()[0].startswith("latent_dim,status,neg_elbo")
+    with Image.open(out / "sweep.png") as img:
+        img.verify()
+    assert "best by valid neg_elbo" in proc.stdout
