@@ -13,11 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# synthesize -> shard (JPEG + raw 64x64) -> verify -> train the VAE briefly
+# (10 epochs at batch 64: the synthetic set is small) with the fastest loader here; pictures, metrics and weights land in $(DEMO)/vae.
 demo: $(VENV)/.installed
-	$(PY) tools/make_synthetic.py $(DEMO)/celeba --num 2000 --overwrite
-	rm -rf $(DEMO)/shards
-	$(PY) tools/shard.py $(DEMO)/celeba $(DEMO)/shards --size 64 --shard-size 500
+	rm -rf $(DEMO)
+	$(PY) tools/make_synthetic.py $(DEMO)/celeba --num 5000
+	$(PY) tools/shard.py $(DEMO)/celeba $(DEMO)/shards --size 64 --shard-size 1000
 	$(PY) tools/shard.py --verify $(DEMO)/shards
+	$(PY) fastceleba/train.py --model vae --data $(DEMO)/shards --epochs 10 --batch-size 64 --flip --out $(DEMO)/vae
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -307,6 +307,7 @@ def bar_chart(results: list[dict], path: Path, title: str) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -329,9 +330,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed passes per loader (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--json", type=Path, help="write the results as JSON here")
-    p.add_argument("--png", type=Path, help="write a bar chart here")
-    p.add_argument("--csv", type=Path, help="write the table as CSV here")
+    p.add_argument("--json", type=Path, default=Path("runs/bench/loader.json"),
+                   help="write the results as JSON here (default runs/bench/loader.json)")
+    p.add_argument("--png", type=Path, default=Path("runs/bench/loader.png"),
+                   help="write the bar chart here (default runs/bench/loader.png)")
+    p.add_argument("--csv", type=Path, default=Path("runs/bench/loader.csv"),
+                   help="write the table as CSV here (default runs/bench/loader.csv)")
     p.add_argument("--synthetic", type=int, default=5000, help="images of the synthetic CelebA (default 5000)")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "bench",
                    help="where the synthetic data lives (default ./data/bench)")
@@ -385,17 +389,16 @@ def main(argv=None) -> int:
     print(text)
     report = {**info, "results": results, "limits": lim,
               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
-    if args.csv:
-        keys = ["loader", "data", "device", "workers", "median", "min", "max", "peak_rss_mb", "setup_s",
-                "other_load_cores"]
-        rows = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in results if "median" in r]
-        write_atomic(args.csv, "\n".join(rows) + "\n")
-    if args.png:
-        m = info["machine"]
-        bar_chart(results, args.png, f"{m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; "
-                                     f"batch {args.batch_size}, {args.workers} workers")
+    write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+    keys = ["loader", "data", "device", "workers", "median", "min", "max", "peak_rss_mb", "setup_s",
+            "other_load_cores"]
+    rows = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in results if "median" in r]
+    write_atomic(args.csv, "\n".join(rows) + "\n")
+    m = info["machine"]
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    bar_chart(results, args.png, f"{m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; "
+                                 f"batch {args.batch_size}, {args.workers} workers")
+    print(f"wrote {args.json}, {args.csv} and {args.png}")
     return 0
 
 

@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", type=int, default=5000, help="images of the synthetic CelebA (default 5000)")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "bench",
                    help="where the synthetic data lives (default ./data/bench, shared with bench/loader.py)")
-    p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.add_argument("--json", type=Path, default=Path("runs/bench/train.json"),
+                   help="write the report as JSON here (default runs/bench/train.json)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="first wait up to SECONDS for the 1-minute load average to fall below 0.5 (default 0)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one feed, print JSON
