@@ -226,7 +226,7 @@ def test_verify_reports_a_truncated_shard(shards, tmp_path, capsys):
 
 def read_with_webdataset(urls: list[str]) -> dict[int, dict]:
     out = {}
-    # No .decode(): members stay bytes, so nothing in a shard is ever unpickled.
+    # No WebDataset decode stage: members stay bytes, so nothing in a shard is ever unpickled.
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         num = int(np.frombuffer(sample["num"], "<i4")[0])
         out[num] = {"jpg": sample["jpg"], "rgb": sample["rgb"], "attr": np.frombuffer(sample["attr"], np.int8),

@@ -132,14 +132,14 @@ def test_text_files_match_official_layout(celeba):
     for f, data in raw.items():
         assert data.endswith(b"\n") and b"\r" not in data and b"\t" not in data, f
 
-    part = raw[PARTITION_FILE].decode().splitlines()
+    part = raw[PARTITION_FILE].decode("ascii").splitlines()
     assert [ln.split(" ")[0] for ln in part] == names
     labels = [int(ln.split(" ")[1]) for ln in part]
     n_train, n_valid, n_test = partition_counts(N, (0.8, 0.1, 0.1))
     assert (n_train, n_valid, n_test) == (102, 13, 13)
     assert labels == [0] * n_train + [1] * n_valid + [2] * n_test  # contiguous, as official
 
-    attr = raw[ATTR_FILE].decode().splitlines()
+    attr = raw[ATTR_FILE].decode("ascii").splitlines()
     assert attr[0] == str(N)
     assert attr[1] == " ".join(ATTR_NAMES) + " "  # the official header has a trailing space
     assert len(ATTR_NAMES) == 40 and ATTR_NAMES[0] == "5_o_Clock_Shadow" and ATTR_NAMES[-1] == "Young"
@@ -148,7 +148,7 @@ def test_text_files_match_official_layout(celeba):
     assert len(attr) == N + 2 and all(row.match(ln) for ln in attr[2:])
     assert [ln[:10] for ln in attr[2:]] == names
 
-    lmk = raw[LANDMARKS_FILE].decode().splitlines()
+    lmk = raw[LANDMARKS_FILE].decode("ascii").splitlines()
     assert lmk[0] == str(N) and lmk[1] == " ".join(LANDMARK_NAMES)
     assert lmk[1] == ("lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y "
                       "leftmouth_x leftmouth_y rightmouth_x rightmouth_y")
@@ -156,7 +156,7 @@ def test_text_files_match_official_layout(celeba):
         values = [int(v) for v in ln.split()[1:]]
         assert ln == name + " " + "".join(f"{v:5d}" for v in values)  # "000001.jpg    69  109 ..."
 
-    ident = raw[IDENTITY_FILE].decode().splitlines()
+    ident = raw[IDENTITY_FILE].decode("ascii").splitlines()
     assert len(ident) == N and all(re.match(r"^\d{6}\.jpg [1-9]\d*$", ln) for ln in ident)
     assert [ln.split(" ")[0] for ln in ident] == names
 
