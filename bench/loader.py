@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastceleba.errors import DataError  # noqa: E402
+from fastceleba.files import atomic_path, atomic_write  # noqa: E402
 
 ALL = ["pil", "dali:jpg", "wds:jpg", "turbo:jpg", "cache:jpg", "dali:rgb", "wds:rgb", "turbo:rgb", "cache:rgb"]
 
@@ -300,17 +301,9 @@ def bar_chart(results: list[dict], path: Path, title: str) -> None:
         ax.text(r["max"] * 1.08, y, label, va="center", fontsize=8)
     ax.set_xlim(right=max(r["max"] for r in ok) * 6)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -389,13 +382,12 @@ def main(argv=None) -> int:
     print(text)
     report = {**info, "results": results, "limits": lim,
               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-    write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+    atomic_write(args.json, json.dumps(report, indent=1) + "\n")
     keys = ["loader", "data", "device", "workers", "median", "min", "max", "peak_rss_mb", "setup_s",
             "other_load_cores"]
     rows = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in results if "median" in r]
-    write_atomic(args.csv, "\n".join(rows) + "\n")
+    atomic_write(args.csv, "\n".join(rows) + "\n")
     m = info["machine"]
-    args.png.parent.mkdir(parents=True, exist_ok=True)
     bar_chart(results, args.png, f"{m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; "
                                  f"batch {args.batch_size}, {args.workers} workers")
     print(f"wrote {args.json}, {args.csv} and {args.png}")

@@ -42,7 +42,8 @@ from accelerate.utils import convert_outputs_to_fp32  # noqa: E402
 
 from fastceleba.errors import DataError  # noqa: E402
 from fastceleba.models import build_model  # noqa: E402
-from fastceleba.train import make_loss_fn, write_json  # noqa: E402
+from fastceleba.files import write_json  # noqa: E402
+from fastceleba.train import make_loss_fn  # noqa: E402
 
 FEEDS = ["memory", "cache:rgb", "cache:jpg", "dali:rgb", "dali:jpg", "turbo:jpg", "wds:jpg", "pil"]
 QUICK_FEEDS = ["memory", "cache:rgb", "dali:jpg", "turbo:jpg"]
@@ -268,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": str(data), "data_rgb": str(raw)}))
     report["machine"]["load_avg_at_end"] = round(os.getloadavg()[0], 2)
     print(table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, report)
+    write_json(args.json, report)
     return 0
 
 

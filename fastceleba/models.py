@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from fastceleba.errors import DataError
+from fastceleba.files import atomic_path, atomic_write
 
 MODELS = ("ae", "vae")
 FEATURES = 64 * 10 * 10  # channels x height x width after the third encoder conv on a 64x64 input
@@ -154,20 +154,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temp file beside path, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; weights are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: dict[str, Any] | None = None) -> Path:
     """Write directory/model.safetensors and directory/config.json ({"model", "latent_dim" (VAE only), **config}).
 
@@ -193,8 +179,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: dict
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write(out / CONFIG_NAME, text)
     return out
 
 

@@ -7,7 +7,6 @@ Every file is written atomically (temp file + os.replace).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -15,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
+from fastceleba.files import atomic_path
 from fastceleba.models import VAE
 
 PAD = 2
@@ -37,15 +37,8 @@ def save_rows(rows: Sequence[torch.Tensor], path: str | os.PathLike, labels: Seq
             draw.text((4, PAD + i * row_h + row_h // 2 - 6), text, fill="black", font=font)
         img = canvas
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

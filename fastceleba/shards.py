@@ -32,6 +32,7 @@ from PIL import Image
 from . import __version__
 from .celeba import ATTR_NAMES, LANDMARK_NAMES, SPLITS, CelebA, load_celeba
 from .errors import DataError
+from .files import atomic_write
 from .transforms import resize_crop_array
 
 FORMAT = "fastceleba-shards"
@@ -121,15 +122,6 @@ def _sha256(data: bytes) -> str:
 
 def _fingerprint(obj) -> str:
     return _sha256(json.dumps(obj, sort_keys=True).encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def assign_splits(ds: CelebA, opts: ShardOptions) -> dict[str, list[str]]:

@@ -65,6 +65,7 @@ from .celeba import (  # the official names and file names live with the parsers
     ATTR_FILE, ATTR_NAMES, IDENTITY_FILE, IMAGE_DIR, LANDMARK_NAMES, LANDMARKS_FILE, PARTITION_FILE,
 )
 from .errors import DataError
+from .files import atomic_write
 
 WIDTH, HEIGHT = 178, 218
 JPEG_QUALITY = 90
@@ -416,12 +417,6 @@ def _name(number: int) -> str:
     return f"{number:06d}.jpg"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _render_chunk(args: tuple[int, int, int, int, str]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """Render, encode and write pictures start..stop-1 (1-based); return their annotations."""
     seed, identities, start, stop, image_dir = args
@@ -432,7 +427,7 @@ def _render_chunk(args: tuple[int, int, int, int, str]) -> tuple[int, np.ndarray
         face = render_face(number, seed=seed, identities=identities)
         buf = io.BytesIO()
         face.image.save(buf, "JPEG", quality=JPEG_QUALITY)
-        _write_atomic(Path(image_dir) / _name(number), buf.getvalue())
+        atomic_write(Path(image_dir) / _name(number), buf.getvalue(), sync=False)
         attrs[k], ident[k], lmk[k] = face.attrs, face.identity, face.landmarks
     return start, attrs, ident, lmk
 
@@ -448,8 +443,8 @@ def _prepare_image_dir(image_dir: Path, num_images: int, overwrite: bool) -> Non
     # With overwrite, drop numbered pictures (and our leftover temp files) the new set will not
     # rewrite, so the folder never mixes an old, larger set with the new annotations.
     for e in entries:
-        stem = e.name[1:-4] if e.name.startswith(".") and e.name.endswith(".tmp") else e.name
-        if e.is_file() and _NAME_RE.match(stem) and (stem != e.name or int(stem[:6]) > num_images):
+        leftover = re.fullmatch(r"\.\d{6}\.jpg\.\w+\.tmp", e.name)  # fastceleba.files' temp names
+        if e.is_file() and (leftover or _NAME_RE.match(e.name) and int(e.name[:6]) > num_images):
             os.remove(e.path)
 
 
@@ -520,5 +515,5 @@ def generate(root: str | os.PathLike, num_images: int, seed: int = 0, *,
                     collect(result)
 
     for name, text in _text_files(num_images, partition, attrs, ident, lmk).items():
-        _write_atomic(root / name, text.encode("ascii"))
+        atomic_write(root / name, text.encode("ascii"))
     return root

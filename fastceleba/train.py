@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from tqdm import tqdm
 
 from fastceleba import pictures
 from fastceleba.errors import DataError
+from fastceleba.files import atomic_write, write_json
 from fastceleba.loaders import KINDS, make_loader
 from fastceleba.metrics import evaluate, mean_image
 from fastceleba.models import VAE, ae_loss, build_model, save_pretrained, vae_loss
@@ -128,20 +128,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a temp file beside path, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def split_size(manifest: dict, split: str) -> int:
     return int(manifest.get("splits", {}).get(split, {}).get("num_samples", 0))
 
@@ -433,11 +419,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         # Keep only the lines of the epochs this run continues from, so metrics.jsonl tells one story.
         old = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []
         kept = [line for line in old if _epoch_of(line) <= start_epoch]
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".metrics.jsonl.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in kept)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, metrics_path)
+        atomic_write(metrics_path, "".join(line + "\n" for line in kept))
     if log_trackers := accelerator.log_with:
         accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
                                                           if isinstance(v, (int, float, str, bool))})

@@ -24,11 +24,9 @@ import csv
 import io
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 try:
@@ -37,8 +35,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastceleba.errors import DataError
+from fastceleba.files import atomic_path, atomic_write, write_json
 from fastceleba.shards import load_manifest
-from fastceleba.train import EXIT_DIVERGED, write_json
+from fastceleba.train import EXIT_DIVERGED
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "fastceleba" / "train.py"
 COLUMNS = ("latent_dim", "status", "neg_elbo", "kld", "mse", "psnr", "r2", "baseline_mse")
@@ -121,14 +120,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def plot(rows: list[dict], metric: str, best: dict, path: Path) -> None:
     import matplotlib
 
@@ -154,14 +145,9 @@ def plot(rows: list[dict], metric: str, best: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("VAE latent-size sweep (valid split)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def sweep(args: argparse.Namespace, extra: list[str]) -> dict:
@@ -184,7 +170,7 @@ def sweep(args: argparse.Namespace, extra: list[str]) -> dict:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(out / "sweep.csv", buf.getvalue())
+    atomic_write(out / "sweep.csv", buf.getvalue())
     write_json(out / "sweep.json", result)
     plot(rows, args.metric, best, out / "sweep.png")
     print(f"[sweep] test of latent {best['latent_dim']}: -elbo {best_test['neg_elbo']:.2f} mse {best_test['mse']:.5f} "
