@@ -244,7 +244,7 @@ def limits(data: Path, split: str, images: int, size: int = 64) -> dict:
         "simplejpeg_full_per_core": rate(lambda b: simplejpeg.decode_jpeg(b)),
         "simplejpeg_reduced_per_core": rate(lambda b: _decode_scaled(b, size, None)),
         "pil_decode_resize_per_core": rate(pil),
-        "reduced_scale": "x".join(map(str, _decode_scaled(blobs[0], size, None).shape[1::-1])),
+        "reduced_scale": "x".join(map(str, _decode_scaled(blobs[0], size, None)[0].shape[1::-1])),
     }
 
 

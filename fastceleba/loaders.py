@@ -100,7 +100,7 @@ from PIL import Image
 
 from .celeba import natural_key
 from .errors import DataError
-from .shards import MANIFEST, file_sha256, load_manifest, shard_paths, split_keys
+from .shards import MANIFEST, file_sha256, load_manifest, read_index, shard_paths, split_keys
 from .transforms import resize_crop, resize_crop_array, resized_shape
 
 KINDS = ("pil", "dali", "wds", "cache", "turbo")
@@ -282,6 +282,12 @@ def _to_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.contiguous().to(torch.float32).div_(255.0)
 
 
+def _hwc_to_float(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 B x H x W x 3 -> float32 B x 3 x H x W in [0, 1], divided like ToTensor (so raw .rgb
+    members give pil's exact values)."""
+    return np.divide(images.transpose(0, 3, 1, 2), np.float32(255), out=out, dtype=np.float32)
+
+
 def _put(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cpu":
         return batch
@@ -388,16 +394,7 @@ class TarMembers:
         pos = 0
         for s, ((tar, idx), count) in enumerate(zip(sd.shards, sd.counts)):
             tar_size = tar.stat().st_size
-            lines = idx.read_text().splitlines()
-            head = lines[0].split() if lines else []
-            if len(head) != 2 or head[0] not in ("v1.1", "v1.2") or int(head[1]) != count \
-                    or len(lines) - 1 != count:
-                raise DataError(f"{idx}: not an index of {count} samples; delete it and re-run "
-                                "tools/shard.py with the same arguments")
-            width = 4 if head[0] == "v1.2" else 3  # v1.2 adds the member name
-            for line in lines[1:]:
-                toks = line.split()
-                found = {toks[i]: (int(toks[i + 1]), int(toks[i + 2])) for i in range(0, len(toks), width)}
+            for found in read_index(idx, count):
                 for e in exts:
                     if e not in found:
                         raise DataError(f"{idx}: a sample lacks its .{e} member; re-run tools/shard.py")
@@ -436,20 +433,22 @@ class TarMembers:
             pass
 
 
-def _decode_scaled(data: bytes, size: int, crop: int | None) -> np.ndarray:
+def _decode_scaled(data: bytes, size: int, crop: int | None) -> tuple[np.ndarray, tuple[int, int]]:
     """libjpeg-turbo decode at the smallest power-of-two DCT scale (1/2, 1/4, 1/8) whose crop
     window keeps its shorter side >= ``size``: 178x218 -> 89x109 for size 64.
 
     The 3/8 scale (67x82) decodes no faster on CelebA-like JPEGs (measured: both ~11k img/s per
     core) and, leaving the resize almost nothing to filter, doubles the difference to the
-    reference (MAD 1.3/255 instead of 0.6/255), so only power-of-two scales are used."""
+    reference (MAD 1.3/255 instead of 0.6/255), so only power-of-two scales are used.
+    Returns the decoded image and the full-size (h, w)."""
     h, w = simplejpeg.decode_jpeg_header(data)[:2]
     short = min(h, w, crop) if crop else min(h, w)
     factor = 1
     while factor < 8 and short // (factor * 2) >= size:
         factor *= 2
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(h / factor),
-                                  min_width=math.ceil(w / factor))
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(h / factor),
+                                 min_width=math.ceil(w / factor))
+    return arr, (h, w)
 
 
 def _finish_one(arr: np.ndarray, full_hw: tuple[int, int], size: int, crop: int | None) -> np.ndarray:
@@ -487,8 +486,7 @@ class SampleReader:
     def _decode(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
         data = self.tar.read(i, "jpg")
         try:
-            h, w = simplejpeg.decode_jpeg_header(data)[:2]
-            return _decode_scaled(data, self.size, self.crop), (h, w)
+            return _decode_scaled(data, self.size, self.crop)
         except ValueError as e:
             raise DataError(f"{self.tar.where(i)}: JPEG does not decode ({e}); run "
                             f"`python tools/shard.py --verify {self.sd.root}`") from None
@@ -574,8 +572,7 @@ class TurboLoader(Loader):
         images = self.reader.images(idx)
         if flips.any():
             images[flips] = images[flips, :, ::-1]
-        # HWC uint8 -> CHW float32, divided like ToTensor so .rgb gives pil's exact values
-        np.divide(images.transpose(0, 3, 1, 2), np.float32(255), out=out, dtype=np.float32)
+        _hwc_to_float(images, out)
         return self.reader.labels(idx)
 
     def _submit(self, pool: ThreadPoolExecutor, idx: np.ndarray, valid: np.ndarray,
@@ -852,10 +849,7 @@ class WdsLoader(Loader):
         for batch in dl:
             if "__error__" in batch:
                 raise DataError(batch["__error__"])
-            u8 = batch["image"].numpy()
-            x = np.empty((len(u8), 3, self.size, self.size), np.float32)
-            np.divide(u8.transpose(0, 3, 1, 2), np.float32(255), out=x, dtype=np.float32)
-            batch["image"] = torch.from_numpy(x)  # float32 CHW, divided like ToTensor
+            batch["image"] = torch.from_numpy(_hwc_to_float(batch["image"].numpy()))
             count += 1
             yield _put(batch, self.device)
         if count != self.num_batches:

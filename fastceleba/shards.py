@@ -472,6 +472,22 @@ def _check_samples(tar: Path, data: bytes, members: dict) -> tuple[list[str], li
     return keys, problems
 
 
+def read_index(idx: Path, num_samples: int) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI index (v1.1 or v1.2): per sample, {ext: (data offset, size)} in tar order."""
+    lines = Path(idx).read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] not in ("v1.1", "v1.2") or int(head[1]) != num_samples \
+            or len(lines) - 1 != num_samples:
+        raise DataError(f"{idx}: not an index of {num_samples} samples; delete it and re-run "
+                        "tools/shard.py with the same arguments")
+    width = 4 if head[0] == "v1.2" else 3  # v1.2 adds the member name
+    samples = []
+    for line in lines[1:]:
+        toks = line.split()
+        samples.append({toks[i]: (int(toks[i + 1]), int(toks[i + 2])) for i in range(0, len(toks), width)})
+    return samples
+
+
 def index_of(data: bytes) -> str:
     """The DALI index (wds2idx's v1.2 format) of a tar held in memory."""
     rows, current, key = [], [], None
