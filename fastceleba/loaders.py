@@ -285,6 +285,8 @@ def _to_float(images_u8: torch.Tensor) -> torch.Tensor:
 def _hwc_to_float(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 B x H x W x 3 -> float32 B x 3 x H x W in [0, 1], divided like ToTensor (so raw .rgb
     members give pil's exact values)."""
+    if out is None:  # contiguous CHW: np.divide alone would keep the input's HWC strides
+        out = np.empty((len(images), 3, *images.shape[1:3]), np.float32)
     return np.divide(images.transpose(0, 3, 1, 2), np.float32(255), out=out, dtype=np.float32)
 
 

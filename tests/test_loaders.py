@@ -68,6 +68,7 @@ def test_batches_follow_the_contract(shards, kind, member):
         assert set(b) == labels
         x = b["image"]
         assert x.dtype == torch.float32 and x.shape[1:] == (3, 64, 64) and x.device.type == "cpu"
+        assert x.is_contiguous()  # the notebook's models flatten with .view()
         assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
         assert b["num"].dtype == torch.int32 and b["num"].shape == (x.shape[0],)
         assert b["valid"].dtype == torch.bool and b["valid"].all()  # one rank: no padding
