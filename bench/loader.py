@@ -217,7 +217,8 @@ def limits(data: Path, split: str, images: int, size: int = 64) -> dict:
     import simplejpeg
     from PIL import Image
 
-    from fastceleba.loaders import TarMembers, _decode_scaled, open_split
+    from fastceleba.loaders import open_split
+    from fastceleba.loaders.turbo import TarMembers, decode_scaled
     from fastceleba.transforms import resize_crop
 
     sd = open_split(data, split)
@@ -242,9 +243,9 @@ def limits(data: Path, split: str, images: int, size: int = 64) -> dict:
 
     return {
         "simplejpeg_full_per_core": rate(lambda b: simplejpeg.decode_jpeg(b)),
-        "simplejpeg_reduced_per_core": rate(lambda b: _decode_scaled(b, size, None)),
+        "simplejpeg_reduced_per_core": rate(lambda b: decode_scaled(b, size, None)),
         "pil_decode_resize_per_core": rate(pil),
-        "reduced_scale": "x".join(map(str, _decode_scaled(blobs[0], size, None)[0].shape[1::-1])),
+        "reduced_scale": "x".join(map(str, decode_scaled(blobs[0], size, None)[0].shape[1::-1])),
     }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from fastceleba.pipeline import build_pipeline, graph_ops, output_devices
+from fastceleba.loaders.dali import build_pipeline, graph_ops, output_devices
 from fastceleba.shards import load_manifest, shard_paths, split_keys
 
 LABELS = [("num", "int32"), ("attr", "int8"), ("ident", "int32")]

@@ -14,10 +14,10 @@ from PIL import Image
 
 from fastceleba.celeba import load_celeba
 from fastceleba.errors import DataError
+from fastceleba.faces import HAIR_COLORS, NOMINAL_LANDMARKS
 from fastceleba.synth import (
-    ATTR_FILE, ATTR_NAMES, HAIR_COLORS, IDENTITY_FILE, IMAGE_DIR,
-    LANDMARKS_FILE, LANDMARK_NAMES, NOMINAL_LANDMARKS, PARTITION_FILE, generate, num_identities,
-    partition_counts,
+    ATTR_FILE, ATTR_NAMES, IDENTITY_FILE, IMAGE_DIR, LANDMARKS_FILE, LANDMARK_NAMES, PARTITION_FILE,
+    generate, num_identities, partition_counts,
 )
 
 REPO = Path(__file__).resolve().parents[1]

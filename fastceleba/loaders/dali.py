@@ -1,4 +1,4 @@
-"""The DALI pipeline behind ``make_loader("dali", ...)``.
+"""``dali``: NVIDIA DALI reads, decodes and augments; ``DaliLoader`` runs its graph for the epoch plan.
 
 One graph, two placements:
 
@@ -22,7 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from nvidia.dali import Pipeline, fn, types
+
+from ..errors import DataError
+from .base import Loader
+from .plan import epoch_order, epoch_seed, rank_slice
+from .split import SplitData
 
 # DALI dtype of every binary member we read (manifest dtype name -> DALI type)
 DALI_DTYPES = {"uint8": types.UINT8, "int8": types.INT8, "int16": types.INT16, "int32": types.INT32}
@@ -66,7 +72,7 @@ def build_pipeline(
 
     The reader pads its shard by repeating the last sample (``pad_last_batch``) so every shard
     yields the same number of batches; ``stick_to_shard`` keeps ``shard_id`` fixed, because the
-    loader picks each epoch's shard assignment and shuffle seed itself (see fastceleba.loaders).
+    loader picks each epoch's shard assignment and shuffle seed itself (``DaliLoader``).
     """
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
@@ -164,3 +170,89 @@ def graph_ops(pipe: Pipeline) -> list[OpInfo]:
         # argument inputs (e.g. the coin flip feeding `mirror`)
         stack.extend(v for v in getattr(inst, "_kwargs", {}).values() if hasattr(v, "source"))
     return list(found.values())
+
+
+class DaliLoader(Loader):
+    """``build_pipeline`` + DALIGenericIterator.
+
+    Each epoch uses a pipeline built for it: the tar order is permuted and the reader's shuffle
+    and flip seeds derived from (seed, epoch), and rank r reads DALI shard (r + epoch) % W, so an
+    epoch's order depends on (seed, epoch) only. Without shuffle or flip every epoch is the same
+    and one pipeline serves them all. The reader pads each rank's shard by repeating its last
+    sample (pad_last_batch) and the iterator runs LastBatchPolicy.FILL (DROP for drop_last);
+    this loader trims the last batch to the common size and marks padding invalid.
+
+    Do not pass this loader (or its DALIGenericIterator) through accelerator.prepare(): DALI
+    already reads only this rank's shard and puts the tensors on this rank's GPU; prepare()
+    would wrap it in a second sharding layer and drop or duplicate samples.
+    """
+
+    kind = "dali"
+
+    def __init__(self, sd: SplitData, **kw):
+        super().__init__(sd, sd.num_samples, **kw)
+        self._iter = None
+        self._iter_epoch: int | None = None
+        self._reusable = not (self.shuffle or self.flip)
+        if self.device.type == "cuda":
+            self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.threads = max(1, self.num_workers)
+
+    def _build(self, epoch: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        sd, W = self.sd, self.world_size
+        order = epoch_order(len(sd.shards), self.shuffle, self.seed, epoch)
+        shard_id = (self.rank + epoch) % W if self.shuffle else self.rank
+        self._shard_id = shard_id
+        gpu = self.device.type == "cuda"
+        pipe = build_pipeline(
+            [str(sd.shards[i][0]) for i in order], [str(sd.shards[i][1]) for i in order],
+            batch_size=self.batch_size, member=self.member, labels=sd.labels,
+            device="gpu" if gpu else "cpu", device_id=self.device_id if gpu else None,
+            num_threads=self.threads, shard_id=shard_id, num_shards=W, shuffle=self.shuffle,
+            seed=epoch_seed(self.seed, epoch, 3), size=self.size, crop=self.crop, flip=self.flip,
+        )
+        names = ["image"] + [name for name, _ in sd.labels]
+        try:
+            it = DALIGenericIterator(
+                pipe, names, reader_name="Reader", auto_reset=False,
+                last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.FILL,
+            )
+        except RuntimeError as e:
+            raise self._error(e) from None
+        if len(it) != self.num_batches:  # our plan and DALI's must agree, or samples go missing
+            raise RuntimeError(f"DALI yields {len(it)} batches per epoch, expected {self.num_batches}")
+        return it
+
+    def _error(self, e: BaseException) -> DataError:
+        first = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+        return DataError(f"{self.sd.root}: DALI cannot read split {self.sd.split!r} ({first[:300]}); "
+                         f"run `python tools/shard.py --verify {self.sd.root}`")
+
+    def _run_epoch(self, epoch: int):
+        if self._iter is None or not (self._reusable and self._iter_epoch is not None):
+            self._iter = None  # release the previous pipeline first
+            self._iter = self._build(epoch)
+        it, self._iter_epoch = self._iter, None  # not reusable until this epoch completes
+        lo, hi = rank_slice(self.num_samples, self._shard_id, self.world_size)
+        real = hi - lo
+        B, labels = self.batch_size, [name for name, _ in self.sd.labels]
+        k = 0
+        try:
+            for out in it:
+                d = out[0]
+                n = min(B, self.per_rank - k * B)
+                batch = {"image": d["image"][:n]}
+                for name in labels:
+                    t = d[name][:n]
+                    batch[name] = t.reshape(n) if t.shape[1] == 1 else t
+                batch["valid"] = (torch.arange(k * B, k * B + n) < real).to(batch["image"].device)
+                k += 1
+                yield batch
+        except RuntimeError as e:
+            self._iter = None
+            raise self._error(e) from None
+        self._iter_epoch = epoch
+
+

@@ -1,0 +1,97 @@
+"""What every loader kind shares: the ``Loader`` base class and the batch helpers.
+
+``Loader`` holds the options, counts batches with the epoch plan (``plan.py``) and turns
+``iter()`` into "run the current epoch, then move on". The helpers convert uint8 images to the
+float32 [0, 1] batches of the contract and move batches to the device. Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..shards import MANIFEST
+from .plan import batch_counts, epoch_flips, epoch_order, rank_plan
+from .split import SplitData
+
+
+class Loader:
+    """What make_loader returns: ``len()`` batches per epoch on this rank, ``iter()`` one epoch."""
+
+    kind = "?"
+
+    def __init__(self, sd: SplitData | None, num_samples: int, batch_size: int, *, member: str,
+                 device: torch.device, shuffle: bool, seed: int, drop_last: bool, rank: int,
+                 world_size: int, num_workers: int, crop: int | None, flip: bool, size: int):
+        self.sd, self.num_samples, self.batch_size = sd, num_samples, batch_size
+        self.member, self.device = member, device
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.crop, self.flip, self.size = crop, flip, size
+        self.epoch = 0
+        self.num_batches, self.per_rank = batch_counts(num_samples, batch_size, world_size, drop_last)
+        if self.num_batches == 0:
+            raise DataError(f"{self._where()}: {num_samples} samples over {world_size} rank(s) give no "
+                            f"full batch of {batch_size} with drop_last=True; lower the batch size "
+                            "or pass drop_last=False")
+
+    def _where(self) -> str:
+        return str(self.sd.root / MANIFEST) + f" split {self.sd.split!r}" if self.sd else "loader"
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (its order depends on seed and epoch only)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch = self.epoch
+        self.epoch += 1
+        return self._run_epoch(epoch)
+
+    def _run_epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    # the plan of the kinds that choose their own order (pil, turbo, cache)
+    def _flips(self, epoch: int) -> np.ndarray:
+        return epoch_flips(self.num_samples, self.flip, self.seed, epoch)
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices, valid) of this rank's epoch."""
+        order = epoch_order(self.num_samples, self.shuffle, self.seed, epoch)
+        return rank_plan(order, self.batch_size, self.rank, self.world_size, self.drop_last)
+
+
+def u8_to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float32 in [0, 1] (the same values as ToTensor's division)."""
+    return images_u8.contiguous().to(torch.float32).div_(255.0)
+
+
+def hwc_to_float(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 B x H x W x 3 -> float32 B x 3 x H x W in [0, 1], divided like ToTensor (so raw .rgb
+    members give pil's exact values)."""
+    if out is None:  # contiguous CHW: np.divide alone would keep the input's HWC strides
+        out = np.empty((len(images), 3, *images.shape[1:3]), np.float32)
+    return np.divide(images.transpose(0, 3, 1, 2), np.float32(255), out=out, dtype=np.float32)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on ``device``: through pinned memory without blocking for a GPU; as is on the CPU."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def worker_error(exc: BaseException) -> DataError:
+    """A DataError raised inside a DataLoader worker comes back with the worker's traceback in
+    its message; keep the one-line message."""
+    text = str(exc).strip().splitlines()
+    last = text[-1] if text else ""
+    marker = "DataError: "
+    return DataError(last.split(marker, 1)[1] if marker in last else last)
+
+

@@ -1,0 +1,100 @@
+"""``pil``: the seed notebook's pipeline, kept plain as the baseline every benchmark compares to.
+
+A Dataset over the raw image folder (the manifest's ``image_dir``, or ``folder=``) restricted to the
+split's files in natural order; PIL open + convert("RGB"), Resize + CenterCrop (fastceleba.transforms)
++ ToTensor; a torch DataLoader with ``num_workers`` processes. No Normalize to [-1, 1] (the notebook
+normalizes, but its models end in a sigmoid). Batches carry image, num (from the file name) and
+valid only: attr/ident live in the shards. The DataLoader's batch sampler replays the epoch plan;
+this module never orders, shards or pads on its own, and never reads the shards' images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..celeba import natural_key
+from ..errors import DataError
+from ..shards import MANIFEST
+from ..transforms import resize_crop
+from .base import Loader, to_device, worker_error
+from .plan import split_batches
+from .split import SplitData
+
+
+class _FolderDataset(torch.utils.data.Dataset):
+    """The notebook's CelebADataset, restricted to a list of names; items are (index, valid, flip)."""
+
+    def __init__(self, folder: Path, names: list[str], size: int, crop: int | None):
+        self.folder, self.names, self.size, self.crop = folder, names, size, crop
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, item: tuple[int, bool, bool]) -> dict[str, Any]:
+        from torchvision.transforms import functional as TF
+
+        index, valid, flip = item
+        name = self.names[index]
+        path = self.folder / name
+        try:
+            with Image.open(path) as raw:
+                img = resize_crop(raw.convert("RGB"), self.size, self.crop)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable image ({e}); replace it or re-download CelebA") from None
+        if flip:
+            img = TF.hflip(img)
+        return {"image": TF.to_tensor(img), "num": torch.tensor(int(name.split(".")[0]), dtype=torch.int32),
+                "valid": torch.tensor(bool(valid))}
+
+
+class _PlanBatches(torch.utils.data.Sampler):
+    """Batch sampler yielding the loader's plan for the epoch it is told."""
+
+    def __init__(self, loader: "PilLoader"):
+        self.loader, self.epoch = loader, 0
+
+    def __len__(self) -> int:
+        return self.loader.num_batches
+
+    def __iter__(self):
+        idx, valid = self.loader._plan(self.epoch)
+        flips = self.loader._flips(self.epoch)
+        for s in split_batches(len(idx), self.loader.batch_size):
+            yield [(int(i), bool(v), bool(flips[i])) for i, v in zip(idx[s], valid[s])]
+
+
+class PilLoader(Loader):
+    kind = "pil"
+
+    def __init__(self, sd: SplitData, folder: Path | None, **kw):
+        folder = Path(folder or sd.manifest["image_dir"])
+        if not folder.is_dir():
+            raise DataError(f"{folder}: image folder not found (recorded in {sd.root / MANIFEST}); "
+                            "pass folder= (bench: --folder) pointing at img_align_celeba")
+        names = sorted(sd.keys, key=natural_key)  # the notebook's natsorted order
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DataError(f"{folder / missing[0]}: missing ({len(missing)} of the split's images are); "
+                            "pass the folder the shards were made from")
+        super().__init__(sd, len(names), **kw)
+        self.folder, self.names = folder, names
+        self._sampler = _PlanBatches(self)
+        self._dataset = _FolderDataset(folder, names, self.size, self.crop)
+
+    def _run_epoch(self, epoch: int):
+        self._sampler.epoch = epoch
+        dl = torch.utils.data.DataLoader(
+            self._dataset, batch_sampler=self._sampler, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        try:
+            for batch in dl:
+                yield to_device(batch, self.device)
+        except DataError as e:
+            raise worker_error(e) from None
+
+

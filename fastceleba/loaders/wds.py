@@ -1,0 +1,185 @@
+"""``wds``: the ``webdataset`` library in DataLoader worker processes.
+
+Explicit decoders only: PIL for JPEG (the reference transform), numpy for the binary members;
+never webdataset's default decoders, which can unpickle. Workers take whole batches of the
+rank's slice of the epoch plan (``plan.rank_slice``), so any number of shards, ranks and workers reads
+each sample once. Streaming: the order within an epoch is a permuted tar order plus a shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DataError
+from ..transforms import resize_crop_array
+from .base import Loader, hwc_to_float, to_device
+from .plan import epoch_order, epoch_seed, rank_slice
+from .split import SplitData
+
+
+class _WdsEpoch(torch.utils.data.IterableDataset):
+    """One epoch of one rank, split among DataLoader workers by whole batches.
+
+    Sample-level splitting, so any number of shards, ranks and workers gives exactly-once: the
+    epoch's stream (shards in epoch order, samples in tar order) is cut into rank slices (the
+    common rule), each rank's slice into its batches, and each worker takes a contiguous run of
+    those batches. webdataset's nodesplitter / workersplitter keep only the tars that overlap a
+    rank's / worker's range; a stage after the tar reader keeps exactly the worker's samples.
+    """
+
+    def __init__(self, loader: "WdsLoader", epoch: int):
+        self.loader, self.epoch = loader, epoch
+
+    def __iter__(self):
+        try:
+            yield from self._batches()
+        except DataError as e:
+            yield {"__error__": str(e)}
+        except (tarfile.TarError, OSError, ValueError, KeyError) as e:
+            where = next((a for a in e.args if isinstance(a, str) and a.endswith(".tar")), None)
+            yield {"__error__": f"{where or self.loader.sd.root}: unreadable shard ({e.args[0]}); "
+                                f"run `python tools/shard.py --verify {self.loader.sd.root}`"}
+
+    def _batches(self):
+        import webdataset as wds
+
+        ld, sd = self.loader, self.loader.sd
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # the epoch's stream: shards (maybe permuted), with each shard's first stream position
+        shard_order = epoch_order(len(sd.shards), ld.shuffle, ld.seed, self.epoch)
+        urls = [str(sd.shards[i][0]) for i in shard_order]
+        counts = [sd.counts[i] for i in shard_order]
+        starts = dict(zip(urls, np.cumsum([0] + counts[:-1]).tolist()))
+        shard_len = dict(zip(urls, counts))
+        # this rank's slice and this worker's run of batches in it
+        lo, hi = rank_slice(sd.num_samples, ld.rank, ld.world_size)
+        nb, B = ld.num_batches, ld.batch_size
+        b0, b1 = worker * nb // workers, (worker + 1) * nb // workers
+        if b0 == b1:
+            return
+        first, last = b0 * B, min(b1 * B, ld.per_rank)  # rank-local positions of this worker
+        real_lo, real_hi = lo + first, lo + min(last, hi - lo)   # its real samples [real_lo, real_hi)
+        pad = max(0, last - max(first, hi - lo))                 # its padding samples (rank's last)
+        want = [(real_lo, real_hi)] + ([(hi - 1, hi)] if pad else [])
+
+        def overlapping(ranges):  # a url splitter keeping the tars that hold positions in ranges
+            def keep(src):
+                for item in src:
+                    s, n = starts[item["url"]], shard_len[item["url"]]
+                    if any(a < s + n and s < b for a, b in ranges):
+                        yield item
+            return keep
+
+        stop = max(real_hi, hi if pad else 0)  # nothing this worker needs lies beyond
+
+        def take(src):  # the worker's samples, by stream position
+            url, i = None, 0
+            for sample in src:
+                if sample["__url__"] != url:
+                    url, i = sample["__url__"], 0
+                g = starts[url] + i
+                i += 1
+                if pad and g == hi - 1:
+                    self._pad_sample = sample
+                if real_lo <= g < real_hi:
+                    yield sample
+                if g + 1 >= stop:
+                    return  # stop reading: the rest of the tar belongs to other workers
+
+        self._pad_sample = None
+        ds = wds.WebDataset(
+            urls, shardshuffle=False, empty_check=False,
+            nodesplitter=overlapping([(lo, hi)]), workersplitter=overlapping(want),
+        ).compose(take)
+        stream = ld.rank * 1000 + worker  # each (rank, worker) shuffles and flips on its own
+        if ld.shuffle:
+            ds = ds.shuffle(1000, initial=100, rng=random.Random(epoch_seed(ld.seed, self.epoch, 2 + stream)))
+        flip_rng = np.random.default_rng(epoch_seed(ld.seed, self.epoch, 1 + 7919 * (1 + stream)))
+        sizes = [min(B, ld.per_rank - b * B) for b in range(b0, b1)]
+        decoded = (ld._decode(s, flip_rng) for s in ds)
+        expected, got = real_hi - real_lo, 0
+        short = DataError(f"{sd.root}: the {sd.split} shards hold fewer samples than the manifest "
+                          f"says; run `python tools/shard.py --verify {sd.root}`")
+        for bsize in sizes:
+            batch = []
+            while len(batch) < bsize and got < expected:
+                item = next(decoded, None)
+                if item is None:
+                    raise short
+                batch.append((item, True))
+                got += 1
+            if len(batch) < bsize:  # padding: the rank's last real sample, marked invalid
+                for _ in decoded:  # read on through the rank's last sample (sets _pad_sample)
+                    raise DataError(f"{sd.root}: more samples than expected in a shard; run "
+                                    f"`python tools/shard.py --verify {sd.root}`")
+                if self._pad_sample is None:
+                    raise short
+                pad_item = ld._decode(self._pad_sample, None)
+                batch += [(pad_item, False)] * (bsize - len(batch))
+            yield ld._collate(batch)
+
+
+class WdsLoader(Loader):
+    kind = "wds"
+
+    def __init__(self, sd: SplitData, **kw):
+        super().__init__(sd, sd.num_samples, **kw)
+
+    def _decode(self, sample: dict, flip_rng) -> dict:
+        """Explicit handlers: JPEG through PIL (the reference transform), binary members through
+        numpy. Members not asked for (json, lmk, ...) are never touched."""
+        s = self.size
+        key = sample.get("__key__")
+        if self.member not in sample:
+            raise DataError(f"{sample.get('__url__')}: sample {key} has no .{self.member}; "
+                            "re-run tools/shard.py")
+        if self.member == "jpg":
+            try:
+                with Image.open(io.BytesIO(sample["jpg"])) as im:
+                    img = resize_crop_array(im, s, self.crop)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{sample.get('__url__')}: {key}.jpg does not decode ({e}); "
+                                f"run `python tools/shard.py --verify {self.sd.root}`") from None
+        else:
+            img = np.frombuffer(sample["rgb"], np.uint8).reshape(s, s, 3)
+        if flip_rng is not None and self.flip and flip_rng.random() < 0.5:
+            img = img[:, ::-1]
+        out = {"image": img}
+        for name, dtype in self.sd.labels:
+            out[name] = np.frombuffer(sample[name], dtype=dtype)
+        return out
+
+    def _collate(self, batch: list[tuple[dict, bool]]) -> dict:
+        # uint8 HWC crosses to the main process (4x less shared memory than float32: fresh
+        # shared-memory pages are what a DataLoader batch costs most on a small VM)
+        out = {"image": torch.from_numpy(np.stack([b["image"] for b, _ in batch]))}
+        for name, _ in self.sd.labels:
+            arr = np.stack([b[name] for b, _ in batch])
+            out[name] = torch.from_numpy(arr.reshape(len(arr)) if arr.shape[1] == 1 else arr)
+        out["valid"] = torch.tensor([v for _, v in batch])
+        return out
+
+    def _run_epoch(self, epoch: int):
+        dl = torch.utils.data.DataLoader(
+            _WdsEpoch(self, epoch), batch_size=None, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        count = 0
+        for batch in dl:
+            if "__error__" in batch:
+                raise DataError(batch["__error__"])
+            batch["image"] = torch.from_numpy(hwc_to_float(batch["image"].numpy()))
+            count += 1
+            yield to_device(batch, self.device)
+        if count != self.num_batches:
+            raise DataError(f"{self._where()}: read {count} batches, expected {self.num_batches}; "
+                            f"run `python tools/shard.py --verify {self.sd.root}`")
+
+
