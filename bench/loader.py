@@ -218,7 +218,8 @@ def limits(data: Path, split: str, images: int, size: int = 64) -> dict:
     from PIL import Image
 
     from fastceleba.loaders import open_split
-    from fastceleba.loaders.turbo import TarMembers, decode_scaled
+    from fastceleba.loaders.split import TarMembers
+    from fastceleba.loaders.turbo import decode_scaled
     from fastceleba.transforms import resize_crop
 
     sd = open_split(data, split)

@@ -31,3 +31,26 @@ def resized_shape(height: int, width: int, size: int = 64) -> tuple[int, int]:
     if height <= width:
         return size, int(size * width / height)
     return int(size * height / width), size
+
+
+def crop_box(height: int, width: int, size: int = 64, crop: int | None = None
+             ) -> tuple[float, float, float, float]:
+    """The window (x0, y0, x1, y1), in pixels of the full image, that ``resize_crop`` turns into its
+    ``size x size`` output: resizing just this window to ``size x size`` samples the very same
+    positions as cropping, resizing and cropping again (torchvision's rounding at each step).
+    Loaders that resize a region in one step (turbo's PIL box, DALI's ROI) use it."""
+    ch, cw = (crop, crop) if crop else (height, width)
+    top, left = int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
+    rh, rw = resized_shape(ch, cw, size)
+    top2, left2 = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    y0, x0 = top + top2 * ch / rh, left + left2 * cw / rw
+    return x0, y0, x0 + size * cw / rw, y0 + size * ch / rh
+
+
+def check_geometry(height: int, width: int, size: int, crop: int | None, where: str) -> None:
+    """DataError unless a ``height x width`` image can be centre-cropped to ``crop``."""
+    if crop is not None and crop > min(height, width):
+        from .errors import DataError
+
+        raise DataError(f"{where}: the image is {width}x{height}, smaller than --crop {crop}; "
+                        f"pass a crop of at most {min(height, width)} or none")

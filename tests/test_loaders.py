@@ -180,6 +180,35 @@ def test_unshuffled_epochs_repeat(shards):
     assert [n for b in loader for n in b["num"].tolist()] == first
 
 
+@pytest.mark.parametrize("member", ["jpg", "rgb"])
+def test_dali_follows_the_plan_with_one_pipeline(shards, member):
+    """DALI is fed the epoch plan: the very order, rank slice and flips of turbo (which reads the
+    plan directly), epoch after epoch, from the one pipeline it built first."""
+    for rank in (0, 1):
+        kw = dict(member=member, shuffle=True, flip=True, seed=5, rank=rank, world_size=2, num_workers=1)
+        dali, turbo = make_loader("dali", shards, "train", 30, **kw), make_loader("turbo", shards, "train", 30, **kw)
+        first_iter = None
+        for _ in range(3):
+            for a, b in zip(epoch(dali), epoch(turbo), strict=True):
+                assert torch.equal(a["num"], b["num"]) and torch.equal(a["valid"], b["valid"])
+                assert torch.equal(a["attr"], b["attr"]) and torch.equal(a["ident"], b["ident"])
+                mad = (a["image"] - b["image"]).abs().flatten(1).mean(1) * 255
+                assert mad.max() < RESAMPLED_BOUND  # flipped alike: a mirrored face differs far more
+            first_iter = first_iter or dali._iter
+            assert dali._iter is first_iter  # never rebuilt
+
+
+def test_dali_flips_differ_between_ranks(shards):
+    """The k-th image of each rank is not flipped alike (one shared coin-flip seed did that)."""
+    flips = []
+    for rank in (0, 1):
+        plain = make_loader("dali", shards, "train", 96, member="rgb", rank=rank, world_size=2)
+        flipped = make_loader("dali", shards, "train", 96, member="rgb", rank=rank, world_size=2, flip=True)
+        a, b = next(iter(plain))["image"], next(iter(flipped))["image"]
+        flips.append([not torch.equal(x, y) for x, y in zip(a, b)])
+    assert 0 < sum(flips[0]) < 96 and flips[0] != flips[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Ranks (in-process); the real two-process launch is below
 

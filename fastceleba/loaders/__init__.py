@@ -82,8 +82,8 @@ from .cache import CacheLoader
 from .dali import DaliLoader
 from .pil import PilLoader
 from .plan import batch_counts, epoch_seed, rank_plan, rank_slice
-from .split import LABELS, SplitData, choose_member, open_split
-from .turbo import SampleReader, TarMembers, TurboLoader
+from .split import LABELS, SplitData, TarMembers, choose_member, open_split
+from .turbo import SampleReader, TurboLoader
 from .wds import WdsLoader
 
 KINDS = ("pil", "dali", "wds", "cache", "turbo")

@@ -7,6 +7,7 @@ float32 [0, 1] batches of the contract and move batches to the device. Nothing h
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -77,6 +78,13 @@ def hwc_to_float(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     if out is None:  # contiguous CHW: np.divide alone would keep the input's HWC strides
         out = np.empty((len(images), 3, *images.shape[1:3]), np.float32)
     return np.divide(images.transpose(0, 3, 1, 2), np.float32(255), out=out, dtype=np.float32)
+
+
+def cores_per_local_rank() -> int:
+    """CPU cores this process may use, shared with the other processes of its node
+    (``LOCAL_WORLD_SIZE``, set by accelerate launch and torchrun)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,78 +1,86 @@
-"""``dali``: NVIDIA DALI reads, decodes and augments; ``DaliLoader`` runs its graph for the epoch plan.
+"""``dali``: NVIDIA DALI decodes and augments the batches of the epoch plan.
 
-One graph, two placements:
+One graph per loader, built once and kept across epochs, in two placements:
 
-    webdataset reader (cpu) -> image decoder ("cpu", or "mixed" = nvJPEG on a GPU)
-        -> [decode only the centre crop x crop window when ``crop`` is set]
-        -> resize shorter side to ``size`` (antialiased linear, like PIL's BILINEAR downscale)
-        -> crop_mirror_normalize: centre size x size crop, optional coin-flip mirror,
-           scale to [0, 1], HWC -> CHW, float32 (one fused op)
+    external source (cpu): this rank's planned samples, as encoded bytes + per-sample flip + ROI
+        -> image decoder ("cpu", or "mixed" = nvJPEG on a GPU; EXIF orientation ignored, as PIL)
+        -> resize the ROI (``transforms.crop_box``: torchvision's crop/resize/crop window) to
+           ``size x size`` (antialiased linear, PIL's BILINEAR downscale)
+        -> crop_mirror_normalize: the planned flip, scale to [0, 1], HWC -> CHW, float32
 
-For ``.rgb`` shards (already ``size x size x 3`` uint8) the decoder and resize are skipped: the raw
-bytes are reshaped to HWC and go straight to crop_mirror_normalize (a no-op crop).
+For ``.rgb`` members (already ``size x size x 3`` uint8) the decoder and resize are skipped.
+
+Why an external source instead of DALI's webdataset reader: the reader shuffles within a buffer
+and shards by its own rule, so an exact epoch order needed a new pipeline every epoch (new nvJPEG
+handles and device buffers each time). Feeding the plan's samples ourselves keeps one pipeline for
+the loader's life, gives DALI the very order, rank slice, padding and flips every other kind uses
+(plan.py), and lets this module name the shard and member of a JPEG that fails to decode. The bytes
+are read with os.pread at the DALI ``.idx`` offsets (``split.TarMembers``), ~10 us a sample.
+
+Labels never pass through DALI: the whole split's labels and each epoch's plan are copied to the
+device once, and each batch gathers its rows there (no per-step host-to-device copy).
 
 ``build_pipeline`` only *defines* the graph; nothing touches a GPU until the pipeline is built
 (DALIGenericIterator builds it). ``graph_ops`` lists the operators of a defined graph with the
 device each runs on, so a test on a machine without a GPU can still check that the GPU graph
-decodes with the "mixed" (nvJPEG) decoder and crops/normalizes on "gpu".
+decodes with the "mixed" (nvJPEG) decoder and resizes/normalizes on "gpu".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
 
+import numpy as np
+import simplejpeg
 import torch
 from nvidia.dali import Pipeline, fn, types
 
 from ..errors import DataError
-from .base import Loader
-from .plan import epoch_order, epoch_seed, rank_slice
-from .split import SplitData
+from ..transforms import check_geometry, crop_box
+from .base import Loader, cores_per_local_rank
+from .plan import split_batches
+from .split import SplitData, TarMembers
 
-# DALI dtype of every binary member we read (manifest dtype name -> DALI type)
-DALI_DTYPES = {"uint8": types.UINT8, "int8": types.INT8, "int16": types.INT16, "int32": types.INT32}
+# Share of JPEGs the A100/H100 hardware decoder takes (the rest: nvJPEG's CUDA decoder, with the
+# Huffman stage on the pipeline's CPU threads, since CelebA's images are far below
+# hybrid_huffman_threshold). DALI's default is 0.65; 0.75 is NVIDIA's suggestion for H100-class
+# chips with several decoder engines. Unmeasured here (no GPU): bench/gpu_check.py reports it.
+HW_DECODER_LOAD = 0.75
 
 
 @dataclass(frozen=True)
 class OpInfo:
-    """One operator of a defined graph: its instance name, DALI schema name and device."""
+    """One operator of a defined graph: its instance name, DALI schema name, device and the
+    arguments it was given (scalar ones; argument inputs fed by other nodes are not listed)."""
 
     name: str
     schema: str
     device: str
+    args: dict = field(default_factory=dict, compare=False)
 
 
 def build_pipeline(
-    paths: Sequence[str],
-    index_paths: Sequence[str],
+    source: Iterable,
     *,
     batch_size: int,
     member: str = "jpg",
-    labels: Sequence[tuple[str, str]] = (("num", "int32"),),
     device: str = "cpu",
     device_id: int | None = None,
     num_threads: int = 2,
-    shard_id: int = 0,
-    num_shards: int = 1,
-    shuffle: bool = False,
-    seed: int = 0,
-    initial_fill: int = 1024,
     size: int = 64,
-    crop: int | None = None,
-    flip: bool = False,
     prefetch_queue_depth: int = 2,
 ) -> Pipeline:
-    """Define (do not build) the DALI graph. Outputs: image (float32 CHW in [0, 1]), then one
-    output per ``labels`` entry (member extension, manifest dtype), in that order.
+    """Define (do not build) the DALI graph. Output: image, float32 CHW in [0, 1].
+
+    ``source`` is an iterable whose every ``iter()`` is one epoch of batches (at most
+    ``batch_size`` samples each): ``(data, mirror, roi_start, roi_end)`` for "jpg" (encoded JPEGs
+    as uint8 arrays, int32 flip flags, float32 (y, x) corners of the window of the full image to
+    resize), ``(data, mirror)`` for "rgb" (raw ``size x size x 3`` bytes).
 
     ``device="gpu"`` needs ``device_id``; decode then runs on "mixed" (nvJPEG) and everything
-    after it on "gpu", and the labels are copied to the GPU too. ``device="cpu"`` uses only CPU
-    operators and a pipeline without a device (``device_id=None``).
-
-    The reader pads its shard by repeating the last sample (``pad_last_batch``) so every shard
-    yields the same number of batches; ``stick_to_shard`` keeps ``shard_id`` fixed, because the
-    loader picks each epoch's shard assignment and shuffle seed itself (``DaliLoader``).
+    after it on "gpu". ``device="cpu"`` uses only CPU operators and no device (``device_id=None``).
     """
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
@@ -80,63 +88,29 @@ def build_pipeline(
         raise ValueError("device='gpu' needs a device_id")
     if member not in ("jpg", "rgb"):
         raise ValueError(f"member must be 'jpg' or 'rgb', not {member!r}")
-    pipe = Pipeline(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id if device == "gpu" else None,
-        seed=seed,
-        prefetch_queue_depth=prefetch_queue_depth,
-    )
-    exts = [member] + [name for name, _ in labels]
-    dtypes = [types.UINT8] + [DALI_DTYPES[dtype] for _, dtype in labels]
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads,
+                    device_id=device_id if device == "gpu" else None,
+                    prefetch_queue_depth=prefetch_queue_depth)
     with pipe:
-        outs = fn.readers.webdataset(
-            paths=list(paths),
-            index_paths=list(index_paths),
-            ext=exts,
-            dtypes=dtypes,
-            missing_component_behavior="error",  # a sample without its image or labels is a broken shard
-            shard_id=shard_id,
-            num_shards=num_shards,
-            stick_to_shard=True,
-            pad_last_batch=True,
-            random_shuffle=shuffle,
-            initial_fill=initial_fill,
-            seed=seed,
-            name="Reader",
+        jpg = member == "jpg"
+        data, mirror, *roi = fn.external_source(
+            source=source, num_outputs=4 if jpg else 2, batch=True, cycle="raise",
+            dtype=[types.UINT8, types.INT32] + ([types.FLOAT, types.FLOAT] if jpg else []),
         )
-        data, label_nodes = outs[0], list(outs[1:])
-        if member == "jpg":
-            decoder = "mixed" if device == "gpu" else "cpu"
-            if crop is not None:
-                # ROI decode: only the centre crop x crop window is decoded
-                img = fn.decoders.image_crop(
-                    data, device=decoder, output_type=types.RGB,
-                    crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5,
-                )
-            else:
-                img = fn.decoders.image(data, device=decoder, output_type=types.RGB)
-            img = fn.resize(img, resize_shorter=size, antialias=True, interp_type=types.INTERP_LINEAR)
+        if jpg:
+            decoder = dict(device="mixed", hw_decoder_load=HW_DECODER_LOAD,
+                           jpeg_fancy_upsampling=True) if device == "gpu" else dict(device="cpu")
+            # fancy upsampling: the mixed decoder's chroma then matches libjpeg-turbo's (PIL's)
+            img = fn.decoders.image(data, output_type=types.RGB, adjust_orientation=False, **decoder)
+            img = fn.resize(img, size=[size, size], roi_start=roi[0], roi_end=roi[1],
+                            roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
         else:
             img = fn.reshape(data, shape=[size, size, 3], layout="HWC")
             if device == "gpu":
                 img = img.gpu()
-        mirror = fn.random.coin_flip(probability=0.5, seed=seed + 1) if flip else 0
-        img = fn.crop_mirror_normalize(
-            img,
-            device=device,
-            crop=(size, size),
-            crop_pos_x=0.5,
-            crop_pos_y=0.5,
-            mirror=mirror,
-            mean=[0.0],
-            std=[255.0],
-            output_layout="CHW",
-            dtype=types.FLOAT,
-        )
-        if device == "gpu":
-            label_nodes = [node.gpu() for node in label_nodes]
-        pipe.set_outputs(img, *label_nodes)
+        img = fn.crop_mirror_normalize(img, device=device, mirror=mirror, mean=[0.0], std=[255.0],
+                                       output_layout="CHW", dtype=types.FLOAT)
+        pipe.set_outputs(img)
     return pipe
 
 
@@ -165,94 +139,157 @@ def graph_ops(pipe: Pipeline) -> list[OpInfo]:
         inst = node.source
         if inst is None or inst.id in found:
             continue
-        found[inst.id] = OpInfo(inst.name, type(inst._op).__name__, inst._op.device)
+        args = {k: v for k, v in (getattr(inst._op, "_init_args", None) or {}).items() if not k.startswith("_")}
+        found[inst.id] = OpInfo(inst.name, type(inst._op).__name__, inst._op.device, args)
         stack.extend(inst.inputs)
-        # argument inputs (e.g. the coin flip feeding `mirror`)
+        # argument inputs (e.g. the planned flips feeding `mirror`)
         stack.extend(v for v in getattr(inst, "_kwargs", {}).values() if hasattr(v, "source"))
     return list(found.values())
 
 
+class _Feed:
+    """What DALI's external source pulls: every ``iter()`` is one epoch, the batches the loader
+    planned (sample indices and flips), read from the tars. It holds no reference to the loader or
+    the pipeline: the pipeline holds it, and a cycle back would keep DALI's threads alive after the
+    loader is gone (and a DataLoader forking its workers next to them crashes them)."""
+
+    def __init__(self, tar: TarMembers, member: str, size: int, crop: int | None, root: str):
+        self.tar, self.member, self.size, self.crop, self.root = tar, member, size, crop, root
+        self.batches: list[tuple[np.ndarray, np.ndarray]] = []  # the epoch being fed
+        self.stop = False             # set to end the current epoch early
+        self.in_flight: deque = deque()  # sample indices of the batches fed but not handed out yet
+
+    def __iter__(self):
+        for rows, flips in self.batches:
+            if self.stop:
+                return
+            data = [np.frombuffer(self.tar.read(int(i), self.member), np.uint8) for i in rows]
+            self.in_flight.append(rows)
+            if self.member == "rgb":
+                yield data, flips
+                continue
+            roi = np.array([self._window(int(i), blob) for i, blob in zip(rows, data)], np.float32)
+            yield data, flips, roi[:, :2].copy(), roi[:, 2:].copy()
+
+    def _window(self, i: int, blob: np.ndarray) -> tuple[float, float, float, float]:
+        """(y0, x0, y1, x1) of sample i: the reference's crop/resize/crop window (transforms.crop_box)."""
+        try:
+            h, w = simplejpeg.decode_jpeg_header(blob)[:2]
+        except ValueError as e:
+            raise DataError(f"{self.tar.where(i)}: not a JPEG ({e}); run "
+                            f"`python tools/shard.py --verify {self.root}`") from None
+        check_geometry(h, w, self.size, self.crop, self.tar.where(i))
+        x0, y0, x1, y1 = crop_box(h, w, self.size, self.crop)
+        return y0, x0, y1, x1
+
+    def bad_sample(self) -> tuple[int, str] | None:
+        """The first sample of the batches in flight whose JPEG libjpeg-turbo rejects, if any."""
+        if self.member != "jpg":
+            return None
+        for rows in self.in_flight:
+            for i in rows:
+                try:
+                    simplejpeg.decode_jpeg(self.tar.read(int(i), "jpg"))
+                except ValueError as e:
+                    return int(i), str(e)
+        return None
+
+
 class DaliLoader(Loader):
-    """``build_pipeline`` + DALIGenericIterator.
+    """``build_pipeline`` + DALIGenericIterator, fed this rank's epoch plan; one pipeline for life.
 
-    Each epoch uses a pipeline built for it: the tar order is permuted and the reader's shuffle
-    and flip seeds derived from (seed, epoch), and rank r reads DALI shard (r + epoch) % W, so an
-    epoch's order depends on (seed, epoch) only. Without shuffle or flip every epoch is the same
-    and one pipeline serves them all. The reader pads each rank's shard by repeating its last
-    sample (pad_last_batch) and the iterator runs LastBatchPolicy.FILL (DROP for drop_last);
-    this loader trims the last batch to the common size and marks padding invalid.
+    Each ``iter()`` restarts the external source on the current epoch's plan. An epoch left early
+    (a ``break`` in the training loop, a picture of the first batch) stops the source and drains the
+    few batches DALI has prefetched, so the next epoch starts clean without a rebuild.
 
-    Do not pass this loader (or its DALIGenericIterator) through accelerator.prepare(): DALI
-    already reads only this rank's shard and puts the tensors on this rank's GPU; prepare()
-    would wrap it in a second sharding layer and drop or duplicate samples.
+    Do not pass this loader (or its DALIGenericIterator) through accelerator.prepare(): it already
+    reads only this rank's share and puts the tensors on this rank's GPU.
     """
 
     kind = "dali"
 
     def __init__(self, sd: SplitData, **kw):
         super().__init__(sd, sd.num_samples, **kw)
-        self._iter = None
-        self._iter_epoch: int | None = None
-        self._reusable = not (self.shuffle or self.flip)
-        if self.device.type == "cuda":
+        self.gpu = self.device.type == "cuda"
+        if self.gpu:  # nvJPEG's host stages run on these threads: give each GPU its share of the cores
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self.threads = max(1, self.num_workers)
+            self.threads = max(1, self.num_workers, cores_per_local_rank())
+        else:
+            self.device_id, self.threads = None, max(1, self.num_workers)
+        tar = TarMembers(sd, [self.member] + [name for name, _ in sd.labels])
+        self.labels = {k: torch.from_numpy(v).to(self.device) for k, v in tar.labels().items()}
+        self.feed = _Feed(tar, self.member, self.size, self.crop, str(sd.root))
+        self._iter = None
 
-    def _build(self, epoch: int):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    def _start(self, idx: np.ndarray, flips: np.ndarray):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        sd, W = self.sd, self.world_size
-        order = epoch_order(len(sd.shards), self.shuffle, self.seed, epoch)
-        shard_id = (self.rank + epoch) % W if self.shuffle else self.rank
-        self._shard_id = shard_id
-        gpu = self.device.type == "cuda"
-        pipe = build_pipeline(
-            [str(sd.shards[i][0]) for i in order], [str(sd.shards[i][1]) for i in order],
-            batch_size=self.batch_size, member=self.member, labels=sd.labels,
-            device="gpu" if gpu else "cpu", device_id=self.device_id if gpu else None,
-            num_threads=self.threads, shard_id=shard_id, num_shards=W, shuffle=self.shuffle,
-            seed=epoch_seed(self.seed, epoch, 3), size=self.size, crop=self.crop, flip=self.flip,
-        )
-        names = ["image"] + [name for name, _ in sd.labels]
-        try:
-            it = DALIGenericIterator(
-                pipe, names, reader_name="Reader", auto_reset=False,
-                last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.FILL,
-            )
-        except RuntimeError as e:
-            raise self._error(e) from None
-        if len(it) != self.num_batches:  # our plan and DALI's must agree, or samples go missing
-            raise RuntimeError(f"DALI yields {len(it)} batches per epoch, expected {self.num_batches}")
-        return it
-
-    def _error(self, e: BaseException) -> DataError:
-        first = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
-        return DataError(f"{self.sd.root}: DALI cannot read split {self.sd.split!r} ({first[:300]}); "
-                         f"run `python tools/shard.py --verify {self.sd.root}`")
+        feed = self.feed
+        feed.batches = [(idx[s], flips[s]) for s in split_batches(len(idx), self.batch_size)]
+        feed.stop = False
+        feed.in_flight.clear()
+        if self._iter is None:
+            pipe = build_pipeline(feed, batch_size=self.batch_size, member=self.member,
+                                  device="gpu" if self.gpu else "cpu", device_id=self.device_id,
+                                  num_threads=self.threads, size=self.size)
+            # builds the pipeline and feeds the first batches
+            self._iter = DALIGenericIterator(pipe, ["image"], auto_reset=False, prepare_first_batch=True)
+        else:
+            self._iter.reset()
+        return self._iter
 
     def _run_epoch(self, epoch: int):
-        if self._iter is None or not (self._reusable and self._iter_epoch is not None):
-            self._iter = None  # release the previous pipeline first
-            self._iter = self._build(epoch)
-        it, self._iter_epoch = self._iter, None  # not reusable until this epoch completes
-        lo, hi = rank_slice(self.num_samples, self._shard_id, self.world_size)
-        real = hi - lo
-        B, labels = self.batch_size, [name for name, _ in self.sd.labels]
-        k = 0
+        idx, valid = self._plan(epoch)
+        flips = self._flips(epoch)[idx].astype(np.int32)
+        dev = self.device
+        idx_t = torch.from_numpy(idx).to(dev, non_blocking=True)     # once per epoch, then sliced
+        valid_t = torch.from_numpy(valid).to(dev, non_blocking=True)
+        it = self._call(lambda: self._start(idx, flips))
+        done = 0
         try:
-            for out in it:
-                d = out[0]
-                n = min(B, self.per_rank - k * B)
-                batch = {"image": d["image"][:n]}
-                for name in labels:
-                    t = d[name][:n]
-                    batch[name] = t.reshape(n) if t.shape[1] == 1 else t
-                batch["valid"] = (torch.arange(k * B, k * B + n) < real).to(batch["image"].device)
-                k += 1
+            for s in split_batches(len(idx), self.batch_size):
+                out = self._call(lambda: next(it))
+                self.feed.in_flight.popleft()
+                rows = idx_t[s]
+                batch = {"image": out[0]["image"]}
+                for name, t in self.labels.items():
+                    batch[name] = t.index_select(0, rows)
+                batch["valid"] = valid_t[s]
+                done += 1
                 yield batch
+        finally:
+            if self._iter is not None and (done < self.num_batches or not self._finish(it)):
+                self._abandon(it)
+
+    def _finish(self, it) -> bool:
+        """True once DALI has signalled the end of the epoch (the next restart is then clean)."""
+        try:
+            next(it)
+        except StopIteration:
+            return True
+        except RuntimeError:
+            return False
+        return False
+
+    def _abandon(self, it) -> None:
+        """End the current epoch early: stop the source and drain what DALI prefetched."""
+        self.feed.stop = True
+        try:
+            for _ in it:
+                pass
+        except RuntimeError:  # a broken pipeline: build a fresh one next epoch
+            self._iter = None
+
+    def _call(self, step):
+        """Run a DALI step; a failure caused by a bad JPEG of the batches in flight becomes a
+        DataError naming the shard and member; any other error (CUDA, nvJPEG start-up, out of
+        memory, a driver too old) passes through with its own message."""
+        try:
+            return step()
         except RuntimeError as e:
             self._iter = None
-            raise self._error(e) from None
-        self._iter_epoch = epoch
-
-
+            bad = self.feed.bad_sample()
+            if bad is None:
+                raise
+            raise DataError(f"{self.feed.tar.where(bad[0])}: .{self.member} member does not decode "
+                            f"({bad[1]}); run `python tools/shard.py --verify {self.sd.root}`") from e

@@ -2,7 +2,8 @@
 
 ``open_split`` checks what is cheap to check (files exist, sizes and counts agree with the
 manifest; sha256 only with ``verify=True``) and describes the split; ``choose_member`` resolves
-which image member ("jpg" or the pre-resized "rgb") a loader reads. Nothing here decodes images.
+which image member ("jpg" or the pre-resized "rgb") a loader reads; ``TarMembers`` reads members
+straight from the tars at the offsets of the DALI ``.idx`` files. Nothing here decodes images.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import DataError
-from ..shards import MANIFEST, file_sha256, load_manifest, shard_paths, split_keys
+from ..shards import MANIFEST, file_sha256, load_manifest, read_index, shard_paths, split_keys
 
 LABELS = ("num", "attr", "ident")  # binary members that go into batches, when the shards carry them
 
@@ -86,3 +89,63 @@ def choose_member(sd: SplitData, member: str, size: int, crop: int | None) -> st
     return member
 
 
+class TarMembers:
+    """Random access to the members of a split's samples through the DALI .idx files."""
+
+    def __init__(self, sd: SplitData, exts: list[str]):
+        self.sd, self.exts = sd, exts
+        n = sd.num_samples
+        self.shard = np.empty(n, np.int32)
+        self.offset = {e: np.empty(n, np.int64) for e in exts}
+        self.length = {e: np.empty(n, np.int64) for e in exts}
+        pos = 0
+        for s, ((tar, idx), count) in enumerate(zip(sd.shards, sd.counts)):
+            tar_size = tar.stat().st_size
+            for found in read_index(idx, count):
+                for e in exts:
+                    if e not in found:
+                        raise DataError(f"{idx}: a sample lacks its .{e} member; re-run tools/shard.py")
+                    off, size = found[e]
+                    if off + size > tar_size:
+                        raise DataError(f"{tar}: member .{e} ends past the end of the file (truncated); "
+                                        "re-run tools/shard.py with the same arguments")
+                    self.offset[e][pos], self.length[e][pos] = off, size
+                self.shard[pos] = s
+                pos += 1
+        self._fds = [os.open(tar, os.O_RDONLY) for tar, _ in sd.shards]
+
+    def read(self, i: int, ext: str) -> bytes:
+        """Member ``ext`` of sample ``i`` (os.pread: thread-safe, releases the GIL)."""
+        return os.pread(self._fds[self.shard[i]], int(self.length[ext][i]), int(self.offset[ext][i]))
+
+    def read_into(self, i: int, ext: str, buf: np.ndarray) -> None:
+        """Member ``ext`` of sample ``i`` straight into ``buf`` (which must have its size)."""
+        n = os.preadv(self._fds[self.shard[i]], [memoryview(buf)], int(self.offset[ext][i]))
+        if n != self.length[ext][i] or n != buf.nbytes:
+            raise DataError(f"{self.where(i)}: .{ext} member has {self.length[ext][i]} bytes, expected "
+                            f"{buf.nbytes}; re-make the shards with tools/shard.py")
+
+    def labels(self) -> dict[str, np.ndarray]:
+        """Every label member of the whole split, read once (48 bytes a sample): (N,) or (N, width)
+        arrays. Loaders keep them and index them per batch instead of reading them per sample."""
+        out = {}
+        n = self.sd.num_samples
+        for name, dtype in self.sd.labels:
+            raw = bytearray().join(self.read(i, name) for i in range(n))
+            arr = np.frombuffer(raw, dtype=dtype)
+            out[name] = arr if len(arr) == n else arr.reshape(n, -1)
+        return out
+
+    def where(self, i: int) -> str:
+        return f"{self.sd.shards[self.shard[i]][0]} ({self.sd.keys[i]})"
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

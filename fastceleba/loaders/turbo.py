@@ -1,6 +1,5 @@
 """``turbo``: JPEGs read straight from the tars and decoded by libjpeg-turbo in GIL-free threads.
 
-* ``TarMembers``: random access to members at the DALI ``.idx`` offsets (os.pread).
 * ``SampleReader``: simplejpeg decodes each JPEG at the smallest power-of-two DCT scale that
   still covers ``size`` (178x218 -> 89x109 for size 64); torch's uint8 antialiased bilinear
   resize (PIL's filter) finishes a chunk of images at once. The cache loader builds on it too.
@@ -13,7 +12,6 @@ Orders, rank slices and padding come from the plan (plan.py), never from here.
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,62 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import DataError
-from ..shards import read_index
-from ..transforms import resized_shape
+from ..transforms import crop_box, resized_shape
 from .base import Loader, hwc_to_float, to_device
 from .plan import split_batches
-from .split import SplitData
-
-
-class TarMembers:
-    """Random access to the members of a split's samples through the DALI .idx files."""
-
-    def __init__(self, sd: SplitData, exts: list[str]):
-        self.sd, self.exts = sd, exts
-        n = sd.num_samples
-        self.shard = np.empty(n, np.int32)
-        self.offset = {e: np.empty(n, np.int64) for e in exts}
-        self.length = {e: np.empty(n, np.int64) for e in exts}
-        pos = 0
-        for s, ((tar, idx), count) in enumerate(zip(sd.shards, sd.counts)):
-            tar_size = tar.stat().st_size
-            for found in read_index(idx, count):
-                for e in exts:
-                    if e not in found:
-                        raise DataError(f"{idx}: a sample lacks its .{e} member; re-run tools/shard.py")
-                    off, size = found[e]
-                    if off + size > tar_size:
-                        raise DataError(f"{tar}: member .{e} ends past the end of the file (truncated); "
-                                        "re-run tools/shard.py with the same arguments")
-                    self.offset[e][pos], self.length[e][pos] = off, size
-                self.shard[pos] = s
-                pos += 1
-        self._fds = [os.open(tar, os.O_RDONLY) for tar, _ in sd.shards]
-
-    def read(self, i: int, ext: str) -> bytes:
-        """Member ``ext`` of sample ``i`` (os.pread: thread-safe, releases the GIL)."""
-        return os.pread(self._fds[self.shard[i]], int(self.length[ext][i]), int(self.offset[ext][i]))
-
-    def read_into(self, i: int, ext: str, buf: np.ndarray) -> None:
-        """Member ``ext`` of sample ``i`` straight into ``buf`` (which must have its size)."""
-        n = os.preadv(self._fds[self.shard[i]], [memoryview(buf)], int(self.offset[ext][i]))
-        if n != self.length[ext][i] or n != buf.nbytes:
-            raise DataError(f"{self.where(i)}: .{ext} member has {self.length[ext][i]} bytes, expected "
-                            f"{buf.nbytes}; re-make the shards with tools/shard.py")
-
-    def where(self, i: int) -> str:
-        return f"{self.sd.shards[self.shard[i]][0]} ({self.sd.keys[i]})"
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+from .split import SplitData, TarMembers
 
 
 def decode_scaled(data: bytes, size: int, crop: int | None) -> tuple[np.ndarray, tuple[int, int]]:
@@ -105,14 +51,9 @@ def _finish_one(arr: np.ndarray, full_hw: tuple[int, int], size: int, crop: int 
     """One decoded (possibly DCT-scaled) image -> the reference geometry with PIL: ``crop`` centre
     crop, shorter side to ``size``, centre crop; computed in one resize with a float box."""
     h, w = full_hw
-    dh, dw = arr.shape[:2]
-    sy, sx = dh / h, dw / w
-    ch, cw = (crop, crop) if crop else (h, w)
-    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-    rh, rw = resized_shape(ch, cw, size)
-    top2, left2 = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
-    y0, x0 = top + top2 * ch / rh, left + left2 * cw / rw
-    box = (x0 * sx, y0 * sy, (x0 + size * cw / rw) * sx, (y0 + size * ch / rh) * sy)
+    sy, sx = arr.shape[0] / h, arr.shape[1] / w
+    x0, y0, x1, y1 = crop_box(h, w, size, crop)
+    box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
     return np.array(Image.fromarray(arr).resize((size, size), Image.BILINEAR, box=box))
 
 
@@ -125,13 +66,7 @@ class SampleReader:
     def __init__(self, sd: SplitData, member: str, size: int, crop: int | None):
         self.sd, self.member, self.size, self.crop = sd, member, size, crop
         self.tar = TarMembers(sd, [member] + [name for name, _ in sd.labels])
-        # The labels of the whole split, read once (48 bytes a sample): three fewer reads per
-        # image every epoch, which is most of the per-image work on raw .rgb shards.
-        self._labels = {}
-        for name, dtype in sd.labels:
-            raw = bytearray().join(self.tar.read(i, name) for i in range(sd.num_samples))
-            arr = np.frombuffer(raw, dtype=dtype)
-            self._labels[name] = arr if len(arr) == sd.num_samples else arr.reshape(sd.num_samples, -1)
+        self._labels = self.tar.labels()
 
     def _decode(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
         data = self.tar.read(i, "jpg")
