@@ -165,15 +165,26 @@ _CURL = {6: "cannot resolve the host", 7: "cannot connect", 18: "the connection 
 
 
 def _stream_failure(e: Exception, url: str | None) -> str:
-    """What went wrong, in words: webdataset reports a failed curl or pipe as 'ARGS: exit N'."""
-    m = re.search(r": exit (\d+) \(read\)", str(e.args[0]) if e.args else "")
-    if m and url and url.startswith("pipe:"):
-        return f"the command exited with status {m.group(1)}"
-    if m:
-        return f"curl exit {m.group(1)}: {_CURL.get(int(m.group(1)), 'see man curl')}"
+    """What went wrong, in words. webdataset reports a failed curl or pipe as 'ARGS: exit N', or,
+    when tarfile sees the end of the stream first, as a ReadError with the Pipe in e.args."""
+    first = str(e.args[0]) if e.args else str(e)
+    m = re.search(r": exit (\d+) \(read\)", first)
+    status = int(m.group(1)) if m else None
+    pipe = next((a for a in e.args if hasattr(a, "proc") and hasattr(a.proc, "wait")), None)
+    if status is None and pipe is not None:
+        try:
+            status = pipe.proc.wait(timeout=5) or None  # curl exits right after a dropped connection
+        except Exception:
+            status = None
+    reason = f"{type(e).__name__}: {first.split(' @ <')[0][:200]}"
+    if status is not None and url and url.startswith("pipe:"):
+        return f"the command exited with status {status}; {reason}" if not m else \
+            f"the command exited with status {status}"
+    if status is not None:
+        return f"curl exit {status}: {_CURL.get(status, 'see man curl')}"
     if isinstance(e, FileNotFoundError) and url and url.startswith("http"):
         return "webdataset streams http(s) with curl, which is not installed"
-    return f"{type(e).__name__}: {str(e.args[0])[:200] if e.args else e}"
+    return reason
 
 
 class WdsLoader(Loader):
