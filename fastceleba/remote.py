@@ -1,7 +1,7 @@
 """Shards somewhere else: an http(s) URL or a webdataset ``pipe:`` command instead of a directory.
 
 What this module holds: telling a remote shard location from a local directory (``location``,
-``RemoteDir``), reading its small files (``read_bytes``, ``load_manifest``, ``split_keys``),
+``RemoteDir``), reading its small files (``read_bytes``, ``read_manifest``, ``split_keys``),
 opening one file for reading (``open_source``), copying one file to local disk atomically with its
 size and sha256 checked (``fetch``), and ``stage``: a whole shard directory, or some of its splits,
 copied to local disk (what tools/stage.py runs).
@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from . import shards
 from .errors import DataError
 from .files import atomic_path, atomic_write
 from .shards import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256, index_of
@@ -161,6 +162,11 @@ def parse_manifest(data: bytes, where: str) -> dict:
 
 def load_manifest(root: RemoteDir) -> dict:
     return parse_manifest(read_bytes(root / MANIFEST), root / MANIFEST)
+
+
+def read_manifest(root: Path | RemoteDir) -> dict:
+    """The manifest of a local directory (shards.load_manifest) or of a remote location."""
+    return load_manifest(root) if isinstance(root, RemoteDir) else shards.load_manifest(root)
 
 
 def split_entry(root, split: str, manifest: dict) -> dict:
