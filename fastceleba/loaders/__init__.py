@@ -19,6 +19,9 @@ Kinds (``KINDS``), one module each:
                          when ``device`` is cuda; every epoch a permutation of that tensor.
 
 Every kind follows one epoch plan (plan.py) and opens the split the same way (split.py).
+``data`` is a shard directory, or for ``wds`` only an http(s) URL or a webdataset ``pipe:``
+command with ``{name}`` (fastceleba/remote.py); the other kinds need local files:
+``python tools/stage.py URL DIR`` copies them, checking every sha256.
 
 ``member`` picks the image member of the shards: "jpg" (decode the original JPEG), "rgb" (the
 pre-resized ``size x size`` raw pixels written by ``tools/shard.py --size N``; no decoding at all)
@@ -76,6 +79,7 @@ import os
 import torch
 
 from ..errors import DataError
+from ..remote import RemoteDir, is_remote
 from ..shards import MANIFEST
 from .base import Loader
 from .cache import CacheLoader
@@ -100,7 +104,8 @@ def make_loader(kind: str, data: str | os.PathLike, split: str, batch_size: int,
                 progress: bool | None = None) -> Loader:
     """A loader of ``split`` from the shard directory ``data``; see the module docstring.
 
-    kind: one of KINDS. member: "jpg", "rgb" or "auto" (not for pil). folder: pil's image folder
+    kind: one of KINDS. data: a shard directory, or (wds only) an http(s) URL or a pipe: command
+    holding {name}. member: "jpg", "rgb" or "auto" (not for pil). folder: pil's image folder
     (default: the manifest's image_dir). verify: check every shard's sha256 first. progress:
     the cache's decode progress bar (None: only on a terminal). num_workers: DataLoader worker
     processes (pil, wds) or threads (turbo, cache build, DALI). Never pass the result through
@@ -115,6 +120,10 @@ def make_loader(kind: str, data: str | os.PathLike, split: str, batch_size: int,
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {dev} asked for but CUDA is not available")
+    if is_remote(data) and kind != "wds":
+        raise DataError(f"{data}: the {kind} loader needs local files; stage the shards first with "
+                        f"`python tools/stage.py {RemoteDir(data).quoted()} DIR --split {split}` and "
+                        "pass DIR (only kind='wds' streams from a URL or pipe:)")
     sd = open_split(data, split, verify=verify)
     if sd.num_samples < world_size:
         raise DataError(f"{sd.root / MANIFEST}: split {split!r} has {sd.num_samples} samples, fewer than "

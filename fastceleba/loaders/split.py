@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import remote
 from ..errors import DataError
+from ..remote import RemoteDir, location
 from ..shards import MANIFEST, file_sha256, load_manifest, read_index, shard_paths, split_keys
 
 LABELS = ("num", "attr", "ident")  # binary members that go into batches, when the shards carry them
@@ -24,10 +26,10 @@ LABELS = ("num", "attr", "ident")  # binary members that go into batches, when t
 class SplitData:
     """One split of a shard directory, checked: its shards, per-shard counts, keys and labels."""
 
-    root: Path
+    root: Path | RemoteDir            # a local directory, or a URL / pipe: that only wds streams
     manifest: dict
     split: str
-    shards: list[tuple[Path, Path]]   # (tar, idx)
+    shards: list[tuple[Path, Path]]   # (tar, idx); URLs / pipe commands (str) when root is remote
     counts: list[int]                 # samples per shard
     keys: list[str]                   # image file names, in shard order
     labels: list[tuple[str, str]]     # (member, dtype) of LABELS the shards carry
@@ -43,11 +45,21 @@ class SplitData:
 
 def open_split(data: str | os.PathLike, split: str, verify: bool = False) -> SplitData:
     """Check and describe a split. Cheap checks always (files exist, sizes match the manifest,
-    counts agree); ``verify=True`` also compares each tar's sha256 with the manifest."""
-    root = Path(data)
-    manifest = load_manifest(root)
-    shards = shard_paths(root, split, manifest)
-    keys = split_keys(root, split, manifest)
+    counts agree); ``verify=True`` also compares each tar's sha256 with the manifest. ``data`` may
+    be an http(s) URL or a ``pipe:`` command (fastceleba.remote): the manifest and keys are read
+    from there; tars are neither fetched nor checked here, and ``verify=True`` is refused."""
+    root = location(data)
+    if isinstance(root, RemoteDir):  # a URL or pipe: only the wds loader streams it (remote.py)
+        manifest = remote.load_manifest(root)
+        shards = [(root / s["tar"], root / s["index"]) for s in remote.split_entry(root, split, manifest)["shards"]]
+        keys = remote.split_keys(root, split, manifest)
+        if verify:
+            raise DataError(f"{root}: sha256 cannot be checked while streaming; stage the shards with "
+                            f"`python tools/stage.py {root.quoted()} DIR` (it checks every sha256) and read DIR")
+    else:
+        manifest = load_manifest(root)
+        shards = shard_paths(root, split, manifest)
+        keys = split_keys(root, split, manifest)
     entry = manifest["splits"][split]
     counts = [int(s["num_samples"]) for s in entry["shards"]]
     if not (sum(counts) == len(keys) == int(entry["num_samples"])):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import tarfile
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from ..remote import RemoteDir
 from ..transforms import resize_crop_array
 from .base import Loader, hwc_to_float, to_device
 from .plan import epoch_order, epoch_seed, rank_slice
@@ -42,9 +44,15 @@ class _WdsEpoch(torch.utils.data.IterableDataset):
         except DataError as e:
             yield {"__error__": str(e)}
         except (tarfile.TarError, OSError, ValueError, KeyError) as e:
-            where = next((a for a in e.args if isinstance(a, str) and a.endswith(".tar")), None)
-            yield {"__error__": f"{where or self.loader.sd.root}: unreadable shard ({e.args[0]}); "
-                                f"run `python tools/shard.py --verify {self.loader.sd.root}`"}
+            sd = self.loader.sd
+            urls = {str(tar) for tar, _ in sd.shards}  # webdataset appends the url to e.args
+            where = next((a for a in e.args if isinstance(a, str) and (a in urls or a.endswith(".tar"))), None)
+            if isinstance(sd.root, RemoteDir):
+                yield {"__error__": f"{where or sd.root}: streaming failed ({_stream_failure(e, where)}); "
+                                    f"{_fix(sd)}"}
+            else:
+                yield {"__error__": f"{where or self.loader.sd.root}: unreadable shard ({e.args[0]}); "
+                                    f"run `python tools/shard.py --verify {self.loader.sd.root}`"}
 
     def _batches(self):
         import webdataset as wds
@@ -69,21 +77,36 @@ class _WdsEpoch(torch.utils.data.IterableDataset):
         pad = max(0, last - max(first, hi - lo))                 # its padding samples (rank's last)
         want = [(real_lo, real_hi)] + ([(hi - 1, hi)] if pad else [])
 
+        def holds(url, ranges):  # does the tar hold stream positions in ranges?
+            s, n = starts[url], shard_len[url]
+            return any(a < s + n and s < b for a, b in ranges)
+
         def overlapping(ranges):  # a url splitter keeping the tars that hold positions in ranges
             def keep(src):
                 for item in src:
-                    s, n = starts[item["url"]], shard_len[item["url"]]
-                    if any(a < s + n and s < b for a, b in ranges):
+                    if holds(item["url"], ranges):
                         yield item
             return keep
 
         stop = max(real_hi, hi if pad else 0)  # nothing this worker needs lies beyond
+        kept = [u for u in urls if holds(u, [(lo, hi)]) and holds(u, want)]  # what the splitters keep
 
-        def take(src):  # the worker's samples, by stream position
-            url, i = None, 0
+        def cut_short(url, got):  # a shard that streamed fewer samples than the manifest says
+            return DataError(f"{url}: streamed {got} samples but the manifest says {shard_len[url]} "
+                             f"(the connection dropped or the shard is truncated); {_fix(sd)}")
+
+        def take(src):  # the worker's samples, by stream position; every shard counted in full
+            url, i, opened = None, 0, 0
             for sample in src:
                 if sample["__url__"] != url:
+                    if url is not None and i != shard_len[url]:
+                        raise cut_short(url, i)
                     url, i = sample["__url__"], 0
+                    if opened >= len(kept) or url != kept[opened]:
+                        raise cut_short(kept[min(opened, len(kept) - 1)], 0)
+                    opened += 1
+                if i >= shard_len[url]:
+                    raise DataError(f"{url}: more samples than the manifest's {shard_len[url]}; {_fix(sd)}")
                 g = starts[url] + i
                 i += 1
                 if pad and g == hi - 1:
@@ -92,6 +115,10 @@ class _WdsEpoch(torch.utils.data.IterableDataset):
                     yield sample
                 if g + 1 >= stop:
                     return  # stop reading: the rest of the tar belongs to other workers
+            # the stream ended before the last sample this worker needs: a shard came short
+            if url is not None and i != shard_len[url]:
+                raise cut_short(url, i)
+            raise cut_short(kept[min(opened, len(kept) - 1)], 0)
 
         self._pad_sample = None
         ds = wds.WebDataset(
@@ -124,6 +151,40 @@ class _WdsEpoch(torch.utils.data.IterableDataset):
                 pad_item = ld._decode(self._pad_sample, None)
                 batch += [(pad_item, False)] * (bsize - len(batch))
             yield ld._collate(batch)
+
+
+def _fix(sd: SplitData) -> str:
+    if isinstance(sd.root, RemoteDir):
+        return (f"check the source, or stage the shards with `python tools/stage.py {sd.root.quoted()} DIR` "
+                "(it checks every sha256) and read DIR")
+    return f"run `python tools/shard.py --verify {sd.root}`"
+
+
+_CURL = {6: "cannot resolve the host", 7: "cannot connect", 18: "the connection closed before the end",
+         22: "an HTTP error such as 404", 28: "timed out", 56: "the connection was reset"}
+
+
+def _stream_failure(e: Exception, url: str | None) -> str:
+    """What went wrong, in words. webdataset reports a failed curl or pipe as 'ARGS: exit N', or,
+    when tarfile sees the end of the stream first, as a ReadError with the Pipe in e.args."""
+    first = str(e.args[0]) if e.args else str(e)
+    m = re.search(r": exit (\d+) \(read\)", first)
+    status = int(m.group(1)) if m else None
+    pipe = next((a for a in e.args if hasattr(a, "proc") and hasattr(a.proc, "wait")), None)
+    if status is None and pipe is not None:
+        try:
+            status = pipe.proc.wait(timeout=5) or None  # curl exits right after a dropped connection
+        except Exception:
+            status = None
+    reason = f"{type(e).__name__}: {first.split(' @ <')[0][:200]}"
+    if status is not None and url and url.startswith("pipe:"):
+        return f"the command exited with status {status}; {reason}" if not m else \
+            f"the command exited with status {status}"
+    if status is not None:
+        return f"curl exit {status}: {_CURL.get(status, 'see man curl')}"
+    if isinstance(e, FileNotFoundError) and url and url.startswith("http"):
+        return "webdataset streams http(s) with curl, which is not installed"
+    return reason
 
 
 class WdsLoader(Loader):
