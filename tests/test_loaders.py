@@ -209,6 +209,20 @@ def test_dali_flips_differ_between_ranks(shards):
     assert 0 < sum(flips[0]) < 96 and flips[0] != flips[1]
 
 
+@pytest.mark.parametrize("kind,member", [("turbo", "jpg"), ("turbo", "rgb"), ("wds", "jpg")])
+def test_uint8_transfer_gives_the_same_batches(shards, kind, member):
+    """The GPU route (uint8 HWC crosses the bus, converted on the device) run on the CPU: the same
+    values, layout and contiguity as the float route the CPU takes."""
+    kw = dict(member=member, shuffle=True, flip=True, seed=2, num_workers=1)
+    floats = epoch(make_loader(kind, shards, "valid", 10, **kw))
+    loader = make_loader(kind, shards, "valid", 10, **kw)
+    assert not loader.u8_transfer  # a CPU device: the loader's threads convert
+    loader.u8_transfer = True      # what a cuda device chooses
+    for a, b in zip(floats, epoch(loader), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert b["image"].is_contiguous() and b["image"].dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # Ranks (in-process); the real two-process launch is below
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..transforms import crop_box, resized_shape
-from .base import Loader, hwc_to_float, to_device
+from .base import Loader, host_images, hwc_to_float, u8_batch_to_device
 from .plan import split_batches
 from .split import SplitData, TarMembers
 
@@ -150,16 +150,23 @@ class TurboLoader(Loader):
         self.threads = max(1, self.num_workers)
 
     def _fill(self, idx: np.ndarray, flips: np.ndarray, out: np.ndarray) -> dict[str, np.ndarray]:
-        """Thread part: decode samples idx into out (k x 3 x size x size float32 in [0, 1])."""
+        """Thread part: decode samples idx into out: k x size x size x 3 uint8 for a GPU, else
+        k x 3 x size x size float32 in [0, 1]."""
         images = self.reader.images(idx)
         if flips.any():
             images[flips] = images[flips, :, ::-1]
-        hwc_to_float(images, out)
+        if self.u8_transfer:
+            out[...] = images
+        else:
+            hwc_to_float(images, out)
         return self.reader.labels(idx)
 
     def _submit(self, pool: ThreadPoolExecutor, idx: np.ndarray, valid: np.ndarray,
                 flips: np.ndarray) -> tuple:
-        out = np.empty((len(idx), 3, self.size, self.size), np.float32)
+        if self.u8_transfer:
+            out = host_images(len(idx), self.size, self.device)
+        else:
+            out = np.empty((len(idx), 3, self.size, self.size), np.float32)
         cuts = np.linspace(0, len(idx), min(self.threads, len(idx)) + 1).astype(int)
         futures = [pool.submit(self._fill, idx[a:b], flips[a:b], out[a:b]) for a, b in zip(cuts, cuts[1:])]
         return out, valid, futures
@@ -171,7 +178,7 @@ class TurboLoader(Loader):
         for name, _ in self.sd.labels:
             batch[name] = torch.from_numpy(np.concatenate([p[name] for p in parts]))
         batch["valid"] = torch.from_numpy(valid.copy())
-        return to_device(batch, self.device)
+        return u8_batch_to_device(batch, self.device) if self.u8_transfer else batch
 
     def _run_epoch(self, epoch: int):
         idx, valid = self._plan(epoch)

@@ -20,7 +20,7 @@ from PIL import Image
 from ..errors import DataError
 from ..remote import RemoteDir
 from ..transforms import resize_crop_array
-from .base import Loader, hwc_to_float, to_device
+from .base import Loader, hwc_to_float, u8_batch_to_device
 from .plan import epoch_order, epoch_seed, rank_slice
 from .split import SplitData
 
@@ -236,9 +236,12 @@ class WdsLoader(Loader):
         for batch in dl:
             if "__error__" in batch:
                 raise DataError(batch["__error__"])
-            batch["image"] = torch.from_numpy(hwc_to_float(batch["image"].numpy()))
             count += 1
-            yield to_device(batch, self.device)
+            if self.u8_transfer:  # uint8, already pinned by the DataLoader, converted on the device
+                yield u8_batch_to_device(batch, self.device)
+            else:
+                batch["image"] = torch.from_numpy(hwc_to_float(batch["image"].numpy()))
+                yield batch
         if count != self.num_batches:
             raise DataError(f"{self._where()}: read {count} batches, expected {self.num_batches}; "
                             f"run `python tools/shard.py --verify {self.sd.root}`")
