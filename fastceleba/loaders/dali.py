@@ -29,6 +29,7 @@ decodes with the "mixed" (nvJPEG) decoder and resizes/normalizes on "gpu".
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -153,13 +154,19 @@ class _Feed:
     the pipeline: the pipeline holds it, and a cycle back would keep DALI's threads alive after the
     loader is gone (and a DataLoader forking its workers next to them crashes them)."""
 
-    def __init__(self, tar: TarMembers, member: str, size: int, crop: int | None, root: str):
+    def __init__(self, tar: TarMembers, member: str, size: int, crop: int | None, root: str, threads: int):
         self.tar, self.member, self.size, self.crop, self.root = tar, member, size, crop, root
         self.batches: list[tuple[np.ndarray, np.ndarray]] = []  # the epoch being fed
         self.stop = False             # set to end the current epoch early
         self.in_flight: deque = deque()  # sample indices of the batches fed but not handed out yet
+        self.checked = np.zeros(tar.sd.num_samples, bool)  # JPEGs whose entropy data passed
+        self.threads = threads
 
     def __iter__(self):
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="dali-check") as pool:
+            yield from self._batches(pool)
+
+    def _batches(self, pool: ThreadPoolExecutor):
         for rows, flips in self.batches:
             if self.stop:
                 return
@@ -168,8 +175,29 @@ class _Feed:
             if self.member == "rgb":
                 yield data, flips
                 continue
+            self._check(pool, rows, data)
             roi = np.array([self._window(int(i), blob) for i, blob in zip(rows, data)], np.float32)
             yield data, flips, roi[:, :2].copy(), roi[:, 2:].copy()
+
+    def _check(self, pool: ThreadPoolExecutor, rows: np.ndarray, data: list[np.ndarray]) -> None:
+        """nvJPEG and DALI's CPU decoder turn corrupt entropy data into grey or noise without an
+        error, where libjpeg-turbo (pil, wds, turbo) refuses it. So the first time this loader
+        reads a sample, libjpeg-turbo decodes it at 1/8 scale (the whole entropy stream, almost no
+        IDCT: ~0.1 ms per image per core, in threads); later epochs skip the check."""
+        todo = [j for j, i in enumerate(rows) if not self.checked[i]]
+
+        def check(j: int) -> str | None:
+            try:
+                simplejpeg.decode_jpeg(data[j], min_height=1, min_width=1)
+            except ValueError as e:
+                return str(e)
+            return None
+
+        for j, error in zip(todo, pool.map(check, todo)):
+            if error is not None:
+                raise DataError(f"{self.tar.where(int(rows[j]))}: .jpg member does not decode ({error}); "
+                                f"run `python tools/shard.py --verify {self.root}`")
+        self.checked[rows] = True
 
     def _window(self, i: int, blob: np.ndarray) -> tuple[float, float, float, float]:
         """(y0, x0, y1, x1) of sample i: the reference's crop/resize/crop window (transforms.crop_box)."""
@@ -218,7 +246,7 @@ class DaliLoader(Loader):
             self.device_id, self.threads = None, max(1, self.num_workers)
         tar = TarMembers(sd, [self.member] + [name for name, _ in sd.labels])
         self.labels = {k: torch.from_numpy(v).to(self.device) for k, v in tar.labels().items()}
-        self.feed = _Feed(tar, self.member, self.size, self.crop, str(sd.root))
+        self.feed = _Feed(tar, self.member, self.size, self.crop, str(sd.root), self.threads)
         self._iter = None
 
     def _start(self, idx: np.ndarray, flips: np.ndarray):
@@ -286,6 +314,9 @@ class DaliLoader(Loader):
         memory, a driver too old) passes through with its own message."""
         try:
             return step()
+        except DataError:  # raised by the feed (a bad JPEG, a crop larger than an image)
+            self._iter = None
+            raise
         except RuntimeError as e:
             self._iter = None
             bad = self.feed.bad_sample()

@@ -19,7 +19,7 @@ from PIL import Image
 from ..celeba import natural_key
 from ..errors import DataError
 from ..shards import MANIFEST
-from ..transforms import resize_crop
+from ..transforms import check_geometry, resize_crop
 from .base import Loader, to_device, worker_error
 from .plan import split_batches
 from .split import SplitData
@@ -42,6 +42,7 @@ class _FolderDataset(torch.utils.data.Dataset):
         path = self.folder / name
         try:
             with Image.open(path) as raw:
+                check_geometry(raw.height, raw.width, self.size, self.crop, str(path))
                 img = resize_crop(raw.convert("RGB"), self.size, self.crop)
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: unreadable image ({e}); replace it or re-download CelebA") from None

@@ -23,37 +23,36 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import DataError
-from ..transforms import crop_box, resized_shape
+from ..transforms import check_geometry, crop_box, resized_shape
 from .base import Loader, host_images, hwc_to_float, u8_batch_to_device
 from .plan import split_batches
 from .split import SplitData, TarMembers
 
 
-def decode_scaled(data: bytes, size: int, crop: int | None) -> tuple[np.ndarray, tuple[int, int]]:
-    """libjpeg-turbo decode at the smallest power-of-two DCT scale (1/2, 1/4, 1/8) whose crop
-    window keeps its shorter side >= ``size``: 178x218 -> 89x109 for size 64.
+def decode_scaled(data: bytes, size: int, crop: int | None) -> tuple[np.ndarray, tuple[int, int], int]:
+    """libjpeg-turbo decode at DCT scale 1/2 when the crop window's shorter side still covers
+    ``size`` there (178x218 -> 89x109 for size 64), else at full scale.
 
-    The 3/8 scale (67x82) decodes no faster on CelebA-like JPEGs (measured: both ~11k img/s per
-    core) and, leaving the resize almost nothing to filter, doubles the difference to the
-    reference (MAD 1.3/255 instead of 0.6/255), so only power-of-two scales are used.
-    Returns the decoded image and the full-size (h, w)."""
+    Only 1/2: the 1/4 and 1/8 scales' 2x2 and 1x1 IDCTs are too crude (measured: 2.2-5.1/255 from
+    the reference at size 32, against 0.3-1.8/255 at 1/2), and the 3/8 scale decodes no faster
+    than 1/2 on CelebA-like JPEGs (~11k img/s per core each) while leaving the resize almost
+    nothing to filter. Returns the decoded image, the full-size (h, w) and the scale factor:
+    decoded pixel j covers full-size pixels [j*f, (j+1)*f), the last one possibly cut short."""
     h, w = simplejpeg.decode_jpeg_header(data)[:2]
     short = min(h, w, crop) if crop else min(h, w)
-    factor = 1
-    while factor < 8 and short // (factor * 2) >= size:
-        factor *= 2
+    factor = 2 if short // 2 >= size else 1
     arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(h / factor),
                                  min_width=math.ceil(w / factor))
-    return arr, (h, w)
+    return arr, (h, w), factor
 
 
-def _finish_one(arr: np.ndarray, full_hw: tuple[int, int], size: int, crop: int | None) -> np.ndarray:
+def _finish_one(arr: np.ndarray, full_hw: tuple[int, int], factor: int, size: int,
+                crop: int | None) -> np.ndarray:
     """One decoded (possibly DCT-scaled) image -> the reference geometry with PIL: ``crop`` centre
-    crop, shorter side to ``size``, centre crop; computed in one resize with a float box."""
+    crop, shorter side to ``size``, centre crop; computed in one resize of the float window
+    ``transforms.crop_box``, in the decoded image's pixels (1/factor of the full image's)."""
     h, w = full_hw
-    sy, sx = arr.shape[0] / h, arr.shape[1] / w
-    x0, y0, x1, y1 = crop_box(h, w, size, crop)
-    box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    box = tuple(v / factor for v in crop_box(h, w, size, crop))
     return np.array(Image.fromarray(arr).resize((size, size), Image.BILINEAR, box=box))
 
 
@@ -68,9 +67,11 @@ class SampleReader:
         self.tar = TarMembers(sd, [member] + [name for name, _ in sd.labels])
         self._labels = self.tar.labels()
 
-    def _decode(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+    def _decode(self, i: int) -> tuple[np.ndarray, tuple[int, int], int]:
         data = self.tar.read(i, "jpg")
         try:
+            h, w = simplejpeg.decode_jpeg_header(data)[:2]
+            check_geometry(h, w, self.size, self.crop, self.tar.where(i))
             return decode_scaled(data, self.size, self.crop)
         except ValueError as e:
             raise DataError(f"{self.tar.where(i)}: JPEG does not decode ({e}); run "
@@ -87,21 +88,22 @@ class SampleReader:
             return out
         decoded = [self._decode(i) for i in idx]
         groups: dict[tuple, list[int]] = {}
-        for j, (arr, hw) in enumerate(decoded):
-            groups.setdefault((arr.shape, hw), []).append(j)
-        for (_, (h, w)), js in groups.items():
-            if self.crop is None:
-                # Resize the whole DCT-scaled images to the reference's resized shape (same pixel
-                # grid as resizing the full image), then take the centre: torch's uint8
-                # antialiased bilinear resize, PIL's filter, ~14 us per image on one core.
+        for j, (arr, hw, factor) in enumerate(decoded):
+            groups.setdefault((arr.shape, hw, factor), []).append(j)
+        for (shape, (h, w), factor), js in groups.items():
+            if self.crop is None and shape[0] * factor == h and shape[1] * factor == w:
+                # The scaled image covers the full one exactly (even sides): resize it whole to the
+                # reference's resized shape (the same pixel grid as resizing the full image), then
+                # take the centre: torch's uint8 antialiased bilinear resize (PIL's filter) for the
+                # whole group at once, ~14 us per image on one core.
                 rh, rw = resized_shape(h, w, s)
                 x = torch.from_numpy(np.stack([decoded[j][0] for j in js])).permute(0, 3, 1, 2)
                 y = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
                 top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
                 out[js] = y[:, :, top:top + s, left:left + s].permute(0, 2, 3, 1).numpy()
-            else:  # the crop window starts at a fractional pixel of the scaled image: PIL's box
+            else:  # a crop, or an odd side whose last scaled pixel is cut short: PIL's float box
                 for j in js:
-                    out[j] = _finish_one(decoded[j][0], (h, w), s, self.crop)
+                    out[j] = _finish_one(decoded[j][0], (h, w), factor, s, self.crop)
         return out
 
     def labels(self, idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """``wds``: the ``webdataset`` library in DataLoader worker processes.
 
-Explicit decoders only: PIL for JPEG (the reference transform), numpy for the binary members;
+Explicit decoders only: libjpeg-turbo (simplejpeg, strict) + PIL's resize for JPEG (the
+reference transform), numpy for the binary members;
 never webdataset's default decoders, which can unpickle. Workers take whole batches of the
 rank's slice of the epoch plan (``plan.rank_slice``), so any number of shards, ranks and workers reads
 each sample once. Streaming: the order within an epoch is a permuted tar order plus a shuffle buffer.
@@ -8,18 +9,18 @@ each sample once. Streaming: the order within an epoch is a permuted tar order p
 
 from __future__ import annotations
 
-import io
 import random
 import re
 import tarfile
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
 from ..errors import DataError
 from ..remote import RemoteDir
-from ..transforms import resize_crop_array
+from ..transforms import check_geometry, resize_crop_array
 from .base import Loader, hwc_to_float, u8_batch_to_device
 from .plan import epoch_order, epoch_seed, rank_slice
 from .split import SplitData
@@ -194,7 +195,7 @@ class WdsLoader(Loader):
         super().__init__(sd, sd.num_samples, **kw)
 
     def _decode(self, sample: dict, flip_rng) -> dict:
-        """Explicit handlers: JPEG through PIL (the reference transform), binary members through
+        """Explicit handlers: JPEG through simplejpeg + PIL (the reference transform), binary members through
         numpy. Members not asked for (json, lmk, ...) are never touched."""
         s = self.size
         key = sample.get("__key__")
@@ -203,8 +204,11 @@ class WdsLoader(Loader):
                             "re-run tools/shard.py")
         if self.member == "jpg":
             try:
-                with Image.open(io.BytesIO(sample["jpg"])) as im:
-                    img = resize_crop_array(im, s, self.crop)
+                # libjpeg-turbo through simplejpeg: PIL's very pixels, but strict where PIL
+                # decodes corrupt entropy data to grey without a word
+                arr = simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB")
+                check_geometry(arr.shape[0], arr.shape[1], s, self.crop, f"{sample.get('__url__')} ({key}.jpg)")
+                img = resize_crop_array(Image.fromarray(arr), s, self.crop)
             except (OSError, ValueError) as e:
                 raise DataError(f"{sample.get('__url__')}: {key}.jpg does not decode ({e}); "
                                 f"run `python tools/shard.py --verify {self.sd.root}`") from None
