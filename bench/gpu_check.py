@@ -755,15 +755,19 @@ def rank_hash(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------- pytest plugin
 def pytest_collection_modifyitems(config, items):  # noqa: D103 - active only with GPU_CHECK_SELECT=1
     """As a pytest plugin (`-p gpu_check`): keep the tests that skip without a GPU, i.e. whose skipif
-    reason names a GPU or CUDA (or that carry a `gpu` marker); list their ids in the file named by
+    reason says it needs a GPU or CUDA ("needs a GPU", "requires CUDA", "needs >= 2 GPUs") or that
+    carry a `gpu` marker; list their ids in the file named by
     GPU_CHECK_SELECT (without it the plugin does nothing)."""
     listing = os.environ.get("GPU_CHECK_SELECT")
     if not listing:
         return
+    import re
+
+    needs_gpu = re.compile(r"\b(needs?|requires?)\b.*\b(gpus?|cuda)\b", re.IGNORECASE)  # "needs a GPU"
     keep, drop = [], []
     for item in items:
         reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
-        if item.get_closest_marker("gpu") or any(("gpu" in r.lower() or "cuda" in r.lower()) for r in reasons):
+        if item.get_closest_marker("gpu") or any(needs_gpu.search(r) for r in reasons):
             keep.append(item)
         else:
             drop.append(item)
@@ -814,8 +818,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1200, help="seconds one item may run (default 1200)")
     p.add_argument("--probe", help=argparse.SUPPRESS)        # internal: one make_loader probe, JSON out
     args = p.parse_args(argv)
-    args.images = args.images or (410 if args.quick else 1010)
-    args.steps = args.steps or (3 if args.quick else 6)
+    if args.images is None:
+        args.images = 410 if args.quick else 1010
+    if args.steps is None:
+        args.steps = 3 if args.quick else 6
     for name in ("images", "steps", "batch_size", "ddp_processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
