@@ -115,6 +115,36 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def torch_facts() -> dict:
+    """torch's view of CUDA; run in a child process (``--facts``) so that a CUDA start-up that crashes
+    or hangs cannot take the check down, and the check itself holds no CUDA context."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:  # e.g. "the NVIDIA driver on your system is too old"
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    t: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda,
+                         "cuda_available": available, "device_count": torch.cuda.device_count() if available else 0,
+                         "cuda_warnings": [str(w.message).strip() for w in caught]}
+    try:
+        t["cudnn"] = torch.backends.cudnn.version()
+    except Exception as e:  # noqa: BLE001 - a fact, not a check
+        t["cudnn"] = f"unavailable ({e})"
+    if available:
+        t["devices"] = []
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            t["devices"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+                                 "memory_gb": round(p.total_memory / 2**30, 1),
+                                 "multiprocessors": p.multi_processor_count})
+        t["bf16_supported"] = torch.cuda.is_bf16_supported()
+        try:
+            t["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception as e:  # noqa: BLE001
+            t["nccl"] = f"unavailable ({e})"
+    return t
+
+
 def environment() -> dict:
     """Facts a bug report needs: versions, GPUs, driver, CPUs, memory, relevant environment variables."""
     env: dict[str, Any] = {
@@ -143,31 +173,15 @@ def environment() -> dict:
         "torch", "torchvision", "accelerate", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "webdataset",
         "numpy", "triton", "simplejpeg", "pillow", "safetensors", "pytest")}
 
-    import torch
-
-    with warnings.catch_warnings(record=True) as caught:  # e.g. "the NVIDIA driver on your system is too old"
-        warnings.simplefilter("always")
-        available = torch.cuda.is_available()
-    t: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda,
-                         "cuda_available": available, "device_count": torch.cuda.device_count() if available else 0,
-                         "cuda_warnings": [str(w.message).strip() for w in caught]}
     try:
-        t["cudnn"] = torch.backends.cudnn.version()
-    except Exception as e:  # noqa: BLE001 - a fact, not a check
-        t["cudnn"] = f"unavailable ({e})"
-    if available:
-        t["devices"] = []
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            t["devices"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
-                                 "memory_gb": round(p.total_memory / 2**30, 1),
-                                 "multiprocessors": p.multi_processor_count})
-        t["bf16_supported"] = torch.cuda.is_bf16_supported()
-        try:
-            t["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception as e:  # noqa: BLE001
-            t["nccl"] = f"unavailable ({e})"
-    env["torch"] = t
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--facts"], capture_output=True,
+                           text=True, timeout=300)
+        env["torch"] = json.loads(p.stdout.strip().splitlines()[-1])
+    except Exception as e:  # noqa: BLE001 - it crashed (e.g. a segfault in a broken driver) or hung
+        detail = (f"exit status {p.returncode}: {last_error_line(p.stderr)}" if "p" in locals()
+                  else f"{type(e).__name__}: {e}")
+        env["torch"] = {"version": _version("torch"), "cuda_build": None, "cuda_available": False,
+                        "device_count": 0, "cuda_warnings": [], "probe_error": detail}
     try:
         import nvidia.dali as dali
 
@@ -280,7 +294,10 @@ class Check:
     def probe(self, spec: dict) -> dict:
         """Run a make_loader probe (see ``probe``) in a fresh process; its result is the last line printed."""
         _, text = self.sh(self.python(Path(__file__), "--probe", json.dumps(spec)))
-        return json.loads(text.strip().splitlines()[-1])
+        for line in reversed(text.splitlines()):  # the result line, whatever is printed after it at exit
+            if line.startswith(("{", "[")):
+                return json.loads(line)
+        raise Failure("the probe printed no result")
 
 
 def skip_reason(item: Item, chk: Check, done: dict[str, Item]) -> str | None:
@@ -292,7 +309,7 @@ def skip_reason(item: Item, chk: Check, done: dict[str, Item]) -> str | None:
         if need == "multi_gpu" and chk.gpus < 2:
             return f"needs >= 2 GPUs (found {chk.gpus})"
         if need == "dali" and not chk.dali:
-            return f"DALI not installed ({chk.env['dali'].get('error', '')})"
+            return f"DALI not installed or not importable ({chk.env['dali'].get('error', '')})"
         if need == "bf16" and chk.cuda and not chk.bf16:
             caps = ", ".join(d["capability"] for d in chk.env["torch"].get("devices", []))
             return f"bf16 needs compute capability >= 8.0 (found {caps})"
@@ -337,6 +354,8 @@ def env_cuda(chk: Check) -> dict:
     """CUDA works: a matmul on every GPU. Failed when nvidia-smi sees GPUs but torch cannot use them."""
     t = chk.env["torch"]
     smi_gpus = chk.env.get("nvidia_smi", {}).get("gpus") or []
+    if t.get("probe_error"):
+        raise Failure(f"asking torch about CUDA crashed or hung: {t['probe_error']}")
     if not chk.cuda:
         if smi_gpus:
             warn = "; ".join(t["cuda_warnings"]) or "torch.cuda.is_available() is False"
@@ -847,6 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--rank-hash"]:  # internal: launched by accelerate on every rank
         return rank_hash(argv[1:])
+    if argv[:1] == ["--facts"]:  # internal: torch's CUDA facts as JSON
+        print(json.dumps(torch_facts()))
+        return 0
     args = parse_args(argv)
     if args.probe:
         spec = json.loads(args.probe)
