@@ -285,11 +285,9 @@ class Check:
 
     def launch(self, precision: str = "no", processes: int = 1) -> list:
         """`accelerate launch` with every setting explicit, so no `accelerate config` file changes the run."""
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-               "--num_processes", str(processes), "--mixed_precision", precision, "--dynamo_backend", "no"]
-        if processes > 1:
-            cmd[4:4] = ["--multi_gpu"]
-        return cmd
+        multi = ["--multi_gpu"] if processes > 1 else []
+        return [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_machines", "1",
+                "--num_processes", str(processes), "--mixed_precision", precision, "--dynamo_backend", "no"]
 
     def probe(self, spec: dict) -> dict:
         """Run a make_loader probe (see ``probe``) in a fresh process; its result is the last line printed."""
