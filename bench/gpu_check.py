@@ -137,7 +137,10 @@ def torch_facts() -> dict:
             t["devices"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
                                  "memory_gb": round(p.total_memory / 2**30, 1),
                                  "multiprocessors": p.multi_processor_count})
-        t["bf16_supported"] = torch.cuda.is_bf16_supported()
+        try:  # native bf16 (compute capability >= 8.0), not torch's emulation on older GPUs
+            t["bf16_supported"] = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            t["bf16_supported"] = torch.cuda.is_bf16_supported()
         try:
             t["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception as e:  # noqa: BLE001
