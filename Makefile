@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= runs/demo
 
-.PHONY: demo test clean
+.PHONY: demo test gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# every GPU path (GPU-only tests, bench/loader.py on cuda, AE/VAE in fp32/fp16/bf16 +- --compile,
+# fp16 resume, NCCL on >= 2 GPUs); without a GPU the GPU items are skipped with their reason.
+# Writes runs/gpu_check/report.json: attach it to any bug report. GPU_CHECK_FLAGS=--quick for less.
+gpu-check: $(VENV)/.installed
+	$(PY) bench/gpu_check.py $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs data *.egg-info
