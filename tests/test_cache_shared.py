@@ -219,6 +219,18 @@ def test_single_process_path_is_unchanged(shards, shm_dir, monkeypatch):
     assert files(shm_dir) == []
 
 
+def test_no_shared_memory_falls_back_to_a_private_copy(shards, tmp_path, monkeypatch):
+    from fastceleba.loaders import make_loader
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTCELEBA_SHM_DIR", str(blocker / "shm"))
+    monkeypatch.setenv("FASTCELEBA_CACHE_SHM", "1")
+    with pytest.warns(RuntimeWarning, match="no node-shared memory.*its own memory"):
+        loader = make_loader("cache", shards, "valid", 10, num_workers=1)
+    assert loader.shared is None and len(list(loader)) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # The child process
 

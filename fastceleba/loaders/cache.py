@@ -105,11 +105,11 @@ class CacheLoader(Loader):
                         self._segment_name(), shm.Layout(self._segment_key(chunks), layout, chunks), fill,
                         workers=self.num_workers, initializer=serial_torch_thread,
                         on_chunk=lambda i: bar.update(min((i + 1) * CHUNK, n) - i * CHUNK))
-            except OSError as e:
+            except shm.SegmentError as e:
                 warnings.warn(f"cache: no node-shared memory ({e}); this rank decodes {sd.split!r} "
                               f"into its own memory", RuntimeWarning, stacklevel=2)
             else:
-                arrays = self._segment.arrays
+                arrays = dict(self._segment.arrays)
                 self.shared = {"path": str(self._segment.path), "chunks": chunks,
                                "filled": self._segment.filled}
         if arrays is None:
@@ -145,10 +145,14 @@ class CacheLoader(Loader):
         return f"{shm.PREFIX}u{os.getuid()}-{self.sd.split}-{shm.digest(key)}"
 
     def close(self) -> None:
-        """Stop using the node-shared copy (its last user removes it; also at exit). Batches
-        already taken stay valid, and so does the loader (it keeps its mapping)."""
+        """Stop using the node-shared copy; its last user removes it (this also happens at exit).
+        On the CPU the loader keeps working from its mapping. On a GPU, which has its own copy,
+        the host mapping is dropped too: call it once every local rank has made its loader (e.g.
+        after a barrier), or a late rank finds no segment and decodes the split again."""
         if self._segment is not None:
             self._segment.close()
+            if self.device.type != "cpu":
+                self._segment = None  # the mapping goes with the last reference to it
 
     def _run_epoch(self, epoch: int):
         idx, valid = self._plan(epoch)

@@ -85,6 +85,12 @@ def _round(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
+class SegmentError(OSError):
+    """The shared segment cannot be had (no room in its directory, no such directory, no
+    permission, another process's file in the way): the caller may fall back to private memory.
+    Errors of the ``fill`` function are never turned into this."""
+
+
 class Layout:
     """Where the header, the done bytes and each array lie in the file."""
 
@@ -189,19 +195,24 @@ class SharedArrays:
         after each chunk this process filled (for progress bars); initializer runs in each of
         the ``workers`` threads. An error of fill() propagates (the chunk stays not done)."""
         d = directory or shm_dir()
-        d.mkdir(parents=True, exist_ok=True)
         lock_path, part_path, data_path = (d / f"{name}{ext}" for ext in (".lock", ".part", ".data"))
-        lock = _open_lock(lock_path)
-        part_fd = None
+        lock = part_fd = None
         try:
+            d.mkdir(parents=True, exist_ok=True)
+            lock = _open_lock(lock_path)
             found = _attach(data_path, layout)
             if found is not None:
                 return cls._made(data_path, lock_path, *found, filled=0, chunks=layout.chunks)
             part_fd = _join_or_create(part_path, layout, d)
             fcntl.flock(part_fd, fcntl.LOCK_SH)  # "in use" for sweeps while we build
+        except SegmentError:
+            raise
+        except OSError as e:
+            raise SegmentError(e.errno, f"{d}: {e.strerror or e}") from e
         finally:
             if part_fd is None:
-                os.close(lock)
+                if lock is not None:
+                    os.close(lock)
             else:
                 fcntl.flock(lock, fcntl.LOCK_UN)  # keep the fd: its byte locks claim chunks
         try:
@@ -211,7 +222,7 @@ class SharedArrays:
                 os.rename(part_path, data_path)
             found = _attach(data_path, layout)
             if found is None:
-                raise OSError(f"{data_path}: the shared cache vanished or is damaged as it was built")
+                raise SegmentError(f"{data_path}: the shared cache vanished or is damaged as it was built")
             return cls._made(data_path, lock_path, *found, filled=filled, chunks=layout.chunks)
         finally:
             os.close(part_fd)
@@ -235,7 +246,7 @@ def _attach(data_path: Path, layout: Layout):
         if _unused(data_path):
             data_path.unlink(missing_ok=True)
             return None
-        raise OSError(f"{data_path}: in use but not the cache asked for; remove it and retry")
+        raise SegmentError(f"{data_path}: in use but not the cache asked for; remove it and retry")
     fcntl.flock(fd, fcntl.LOCK_SH)
     # Map through another open file: mmap keeps a dup of the fd it is given, which would hold our
     # flock for as long as the mapping lives; ``fd`` alone holds it, until _release closes it.
