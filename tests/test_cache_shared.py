@@ -219,6 +219,28 @@ def test_single_process_path_is_unchanged(shards, shm_dir, monkeypatch):
     assert files(shm_dir) == []
 
 
+def test_forked_children_do_not_keep_the_segment(shards, shm_dir, monkeypatch):
+    from fastceleba.loaders import make_loader
+
+    monkeypatch.setenv("FASTCELEBA_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("FASTCELEBA_CACHE_SHM", "1")
+    loader = make_loader("cache", shards, "valid", 10, num_workers=1)
+    go_r, go_w = os.pipe()
+    up_r, up_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked worker of some other loader: alive while the parent closes
+        os.write(up_w, b"x")  # running Python: the at-fork hooks have run
+        os.read(go_r, 1)
+        os._exit(0)
+    try:
+        os.read(up_r, 1)
+        loader.close()
+        assert files(shm_dir) == []      # the last user's close removed it, the child alive
+    finally:
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+
+
 def test_no_shared_memory_falls_back_to_a_private_copy(shards, tmp_path, monkeypatch):
     from fastceleba.loaders import make_loader
 

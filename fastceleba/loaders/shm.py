@@ -44,8 +44,9 @@ shared flock and, if no other process holds one (a non-blocking exclusive flock 
 ``.data`` and ``.lock``: the segment disappears with its last user. A process killed by SIGKILL
 or the OOM killer runs no exit code: its ``.data`` stays until the next job with the same digest
 reuses and then removes it, or any new build sweeps it (unused segments of other digests are
-removed before a new one is created), or ``python -m fastceleba.loaders.shm --clean`` (lists and
-removes every unused segment; ``--list`` only lists).
+removed before a new one is created), or ``python -m fastceleba.loaders.shm --clean`` (removes
+every unused segment; without ``--clean`` it only lists them). A forked child (another loader's
+DataLoader worker) closes its copies of the lock fds at once, so it never keeps a segment alive.
 """
 
 from __future__ import annotations
@@ -151,8 +152,25 @@ def _unused(path: Path) -> bool:
         os.close(fd)
 
 
+# The fds through which this process holds a shared flock on a ``.data``, and their finalizers.
+_held: dict[int, weakref.finalize] = {}
+
+
+def _forget_in_child() -> None:
+    """After fork: the child (a DataLoader worker of another loader, say) must neither keep the
+    parent's segments "in use" after the parent is gone nor release them itself."""
+    for fd, fin in list(_held.items()):
+        fin.detach()
+        os.close(fd)  # the parent's fd still holds the flock: closing a copy does not drop it
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _release(data_fd: int, lock_path: Path, data_path: Path) -> None:
     """Drop our use of ``.data``; remove it (and the lock) if we were its last user."""
+    _held.pop(data_fd, None)
     try:
         lock = _open_lock(lock_path)
     except OSError:
@@ -231,6 +249,7 @@ class SharedArrays:
     @classmethod
     def _made(cls, data_path, lock_path, fd, buf, arrays, *, filled, chunks) -> "SharedArrays":
         fin = weakref.finalize(buf, _release, fd, lock_path, data_path)  # also runs at exit
+        _held[fd] = fin
         return cls(data_path, buf, arrays, filled, chunks, fin)
 
 
