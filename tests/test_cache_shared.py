@@ -253,6 +253,29 @@ def test_no_shared_memory_falls_back_to_a_private_copy(shards, tmp_path, monkeyp
     assert loader.shared is None and len(list(loader)) == 3
 
 
+def test_corrupt_jpeg_stays_a_data_error(shards, shm_dir, tmp_path, monkeypatch):
+    import warnings
+
+    from fastceleba.errors import DataError
+    from fastceleba.loaders import TarMembers, make_loader, open_split, shm
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tm = TarMembers(open_split(copy, "valid"), ["jpg"])
+    tar, off = tm.sd.shards[tm.shard[5]][0], int(tm.offset["jpg"][5])
+    tm.close()
+    with open(tar, "r+b") as f:
+        f.seek(off)
+        f.write(b"\x00" * 16)  # no JPEG SOI marker any more; size unchanged
+    monkeypatch.setenv("FASTCELEBA_SHM_DIR", str(shm_dir))
+    monkeypatch.setenv("FASTCELEBA_CACHE_SHM", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not taken for a shared-memory problem
+        with pytest.raises(DataError, match="valid-00000.tar"):
+            make_loader("cache", copy, "valid", 8, member="jpg", num_workers=1)
+    assert [used for _, used in shm.segments(shm_dir)] == [False]  # a .part for the sweep
+
+
 # ---------------------------------------------------------------------------------------------
 # The child process
 
