@@ -15,12 +15,12 @@ permutation from that one copy; with a CUDA ``device`` each rank copies it once 
 array. If the shared memory cannot be had (no room in /dev/shm, no /dev/shm), the rank warns and
 decodes privately.
 
-Memory, one 64x64 image = 3*64*64 = 12 KiB (uint8), all of CelebA (202,599 images) 2.32 GiB;
-train (162,770) 1.86 GiB, of which a rank or GPU holds:
+Memory, one 64x64 image = 3*64*64 B = 12 KiB (uint8): all of CelebA (202,599 images) 2.32 GiB,
+train (162,770) 1.86 GiB. For the train split on a node of 8 ranks:
 
-    private (1 process, or sharing off)   host: the split             (train 1.86 GiB a process)
-    shared, device cpu                    host: the split once a node  (1.86 GiB for 8 ranks)
-    shared, device cuda                   the same on the host, plus the split on every GPU
+    private (1 process, or sharing off)   host 1.86 GiB per rank (14.9 GiB), decoded 8 times
+    shared, device cpu                    host 1.86 GiB per node, decoded once
+    shared, device cuda                   host 1.86 GiB per node until close(), and 1.86 GiB per GPU
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ class CacheLoader(Loader):
 
     Built with the turbo path in ``num_workers`` threads (for ``.rgb`` members: a plain copy of
     the raw bytes, no decoding). Each batch is an index_select of that tensor, flipped and
-    scaled to float on the fly. Memory: 12 KiB per 64x64 image (2 GB for all of CelebA train)."""
+    scaled to float on the fly. Memory: 12 KiB per 64x64 image (2 GB for all of CelebA train),
+    once per node when several local ranks share it. ``shared``: None (default) shares when the
+    launcher started several local processes (see ``share_on_node``); ``self.shared`` then says
+    where the copy is and how many chunks this process decoded."""
 
     kind = "cache"
 
