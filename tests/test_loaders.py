@@ -489,7 +489,19 @@ def test_cuda_without_a_gpu_is_refused(shards):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("kind", KINDS)
-def test_batches_arrive_on_the_gpu(shards, kind):
-    b = next(iter(make_loader(kind, shards, "valid", 8, device="cuda")))
-    assert all(v.device.type == "cuda" for v in b.values())
+@pytest.mark.parametrize("kind,member", ALL)
+def test_batches_arrive_on_the_gpu(shards, reference, kind, member):
+    """Every GPU route (dali's nvJPEG "mixed" decode of the jpg member included): the batches of a
+    whole flipped, shuffled epoch arrive on the device and hold the CPU route's images."""
+    kw = dict(member=member, shuffle=True, flip=True, seed=3, num_workers=1)
+    gpu = epoch(make_loader(kind, shards, "valid", 8, device="cuda", **kw))
+    cpu = epoch(make_loader(kind, shards, "valid", 8, **kw))
+    assert all(v.device.type == "cuda" for b in gpu for v in b.values())
+    for a, b in zip(gpu, cpu, strict=True):
+        assert torch.equal(a["num"].cpu(), b["num"]) and torch.equal(a["valid"].cpu(), b["valid"])
+        mad = (a["image"].cpu() - b["image"]).abs().flatten(1).mean(1) * 255
+        assert a["image"].is_contiguous() and mad.max() < RESAMPLED_BOUND
+    unflipped = images_by_num(make_loader(kind, shards, "valid", 8, device="cuda", member=member))
+    mad = {n: float((unflipped[n].cpu() - reference[n]).abs().mean()) * 255 for n in reference}
+    print(f"{kind}:{member} on the GPU against pil: worst {max(mad.values()):.3f}/255")
+    assert max(mad.values()) < RESAMPLED_BOUND
