@@ -246,6 +246,17 @@ def test_dali_follows_the_plan_with_one_pipeline(shards, member):
             assert dali._iter is first_iter  # never rebuilt
 
 
+def test_dali_close_releases_the_pipeline_and_the_next_epoch_rebuilds_it(shards):
+    loader = make_loader("dali", shards, "valid", 8, member="jpg", shuffle=True, seed=1)
+    loader.set_epoch(3)
+    first = epoch(loader)
+    loader.close()
+    assert loader._iter is None
+    loader.set_epoch(3)
+    for a, b in zip(first, epoch(loader), strict=True):
+        assert torch.equal(a["num"], b["num"]) and torch.equal(a["image"], b["image"])
+
+
 def test_dali_flips_differ_between_ranks(shards):
     """The k-th image of each rank is not flipped alike (one shared coin-flip seed did that)."""
     flips = []

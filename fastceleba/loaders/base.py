@@ -48,6 +48,10 @@ class Loader:
     def __len__(self) -> int:
         return self.num_batches
 
+    def close(self) -> None:
+        """Release what the loader holds between epochs (DALI's pipeline and its device memory, the
+        cache's shared host copy); the next ``iter()`` sets it up again where needed."""
+
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run epoch ``epoch`` (its order depends on seed and epoch only)."""
         self.epoch = int(epoch)

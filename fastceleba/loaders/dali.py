@@ -249,6 +249,11 @@ class DaliLoader(Loader):
         self.feed = _Feed(tar, self.member, self.size, self.crop, str(sd.root), self.threads)
         self._iter = None
 
+    def close(self) -> None:
+        """Drop the pipeline (DALI's device buffers shrink only when it goes); the next iter()
+        builds a new one. For loaders used once in a while, such as evaluation's."""
+        self._iter = None
+
     def _start(self, idx: np.ndarray, flips: np.ndarray):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
