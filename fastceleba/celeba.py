@@ -46,7 +46,7 @@ ATTR_FILE = "list_attr_celeba.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
 LANDMARKS_FILE = "list_landmarks_align_celeba.txt"
 BBOX_CSV = "list_bbox_celeba.csv"  # Kaggle: boxes in the in-the-wild images, meaningless for aligned ones
-IMAGE_NAME = re.compile(r"(\d+)\.jpe?g", re.IGNORECASE)
+IMAGE_NAME = re.compile(r"(\d{1,9})\.jpe?g", re.IGNORECASE)  # num is an int32
 
 
 def natural_key(name: str) -> list:

@@ -126,19 +126,23 @@ def check_checksums(root: Path, split: str, manifest: dict | None = None) -> Non
     DataError naming the first file that differs; the loaders' ``verify=True`` calls this."""
     root = Path(root)
     manifest, entry = _split_entry(root, split, manifest)
+    fix = "delete it and re-run tools/shard.py with the same arguments"
     for shard, (tar, idx) in zip(entry["shards"], shard_paths(root, split, manifest)):
-        data = tar.read_bytes()
-        if _sha256(data) != shard["sha256"]:
-            raise DataError(f"{tar}: sha256 does not match the manifest (corrupt or replaced); "
-                            "delete it and re-run tools/shard.py with the same arguments")
-        problem = _index_problem(idx, data, shard)
-        if problem:
-            raise DataError(problem)
+        if file_sha256(tar) != shard["sha256"]:
+            raise DataError(f"{tar}: sha256 does not match the manifest (corrupt or replaced); {fix}")
+        if "index_sha256" in shard:  # streamed: no tar in memory
+            if file_sha256(idx) != shard["index_sha256"]:
+                raise DataError(f"{idx}: sha256 does not match the manifest (a sample duplicated, "
+                                f"missing or moved, so DALI would read the wrong data); {fix}")
+        else:
+            problem = _index_problem(idx, tar.read_bytes(), shard)
+            if problem:
+                raise DataError(problem)
 
 
 def _index_problem(idx: Path, tar_data: bytes, shard: dict) -> str | None:
     """Why the index ``idx`` is not the one of ``tar_data`` (None when it is)."""
-    fix = f"delete it and re-run tools/shard.py with the same arguments"
+    fix = "delete it and re-run tools/shard.py with the same arguments"
     if not idx.is_file():
         return f"{idx}: missing; {fix}"
     text = idx.read_bytes()
