@@ -5,7 +5,8 @@ A shard directory holds, per split, ``{split}-NNNNN.tar`` with a DALI index ``.i
 stored under the image stem with these members (each only when available):
 
     jpg    the original JPEG bytes, verbatim
-    rgb    size x size x 3 uint8 (HWC) from fastceleba.transforms.resize_crop   (--size N)
+    rgb8   size x size x 3 uint8 (HWC) from fastceleba.transforms.resize_crop   (--size N)
+           (format v1 called it ``rgb``, which webdataset's decoders take for an SGI image)
     num    int32: the CelebA file number, 000123.jpg -> 123
     attr   int8[40], -1/+1 in official order;  ident  int32;  lmk  int16[10]   (little-endian)
     json   the same labels, for humans
@@ -40,10 +41,10 @@ from .files import atomic_write
 from .transforms import resize_crop_array
 
 FORMAT = "fastceleba-shards"
-FORMAT_VERSION = 1
-READ_VERSIONS = (1,)  # manifests this version reads
-RAW_MEMBER = "rgb"  # size x size x 3 uint8
-LEGACY_RAW_MEMBER = "rgb"  # the name in manifests that do not record raw_member
+FORMAT_VERSION = 2  # v2: the raw image member is .rgb8 (v1: .rgb); index checksums; file-number num
+READ_VERSIONS = (1, 2)  # manifests this version reads
+RAW_MEMBER = "rgb8"  # size x size x 3 uint8: a name webdataset's decoders leave as bytes
+LEGACY_RAW_MEMBER = "rgb"  # the v1 name
 MANIFEST = "manifest.json"
 PARTIAL_DIR = ".partial"  # per-shard records of an unfinished run, for resuming
 TAR_BLOCK = 512
@@ -73,14 +74,14 @@ def load_manifest(root: Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("format_version") not in READ_VERSIONS:
         raise DataError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest; re-make the shards "
                         "with this version of tools/shard.py")
-    if "raw_member" not in manifest:  # written before raw_member was recorded
+    if "raw_member" not in manifest:  # v1
         manifest["raw_member"] = LEGACY_RAW_MEMBER if LEGACY_RAW_MEMBER in manifest["members"] else None
     return manifest
 
 
 def raw_member(manifest: dict) -> str | None:
-    """The tar extension of the raw size x size x 3 image member, or None when the shards
-    carry none. Readers should take the name from here, not hard-code it."""
+    """The tar extension of the raw size x size x 3 image member (``rgb8``; ``rgb`` in v1
+    shards), or None when the shards carry none."""
     return manifest.get("raw_member")
 
 

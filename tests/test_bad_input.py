@@ -4,6 +4,7 @@ One test per item, on copies of the synthetic CelebA of conftest.py; each failed
 """
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 from PIL import Image
 
 from conftest import NUM_IMAGES, ROOT
@@ -22,8 +24,8 @@ from fastceleba import shards as shards_mod
 from fastceleba.celeba import (ATTR_FILE, ATTR_NAMES, IDENTITY_FILE, LANDMARK_NAMES, LANDMARKS_FILE,
                                PARTITION_FILE, load_celeba, parse_identity, parse_partition)
 from fastceleba.errors import DataError
-from fastceleba.shards import (MANIFEST, PARTIAL_DIR, ShardOptions, check_checksums, load_manifest,
-                               shard_paths, verify, write_shards)
+from fastceleba.shards import (MANIFEST, PARTIAL_DIR, RAW_MEMBER, ShardOptions, check_checksums,
+                               load_manifest, raw_member, shard_paths, verify, write_shards)
 from test_shards import files_of, one_error_line, run_cli
 
 QUIET = dict(progress=False, log=lambda line: None)
@@ -326,3 +328,47 @@ def test_kill_9_leaves_no_workers_and_next_run_cleans_temp_files(celeba_root, tm
     write_shards(celeba_root, out, ShardOptions(shard_size=20), workers=1, **QUIET)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert verify(out, progress=False) == []
+
+
+# --- 16: plain webdataset reads our shards --------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["rgb", "pil", "torchrgb"])
+def test_canonical_webdataset_decode_reads_every_member(shards, celeba_root, spec):
+    ds = load_celeba(celeba_root)
+    urls = [str(t) for split in ("train", "valid", "test") for t, _ in shard_paths(shards, split)]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode(spec):
+        name = sample["__key__"] + ".jpg"
+        with Image.open(io.BytesIO((ds.image_dir / name).read_bytes())) as img:
+            want = np.asarray(img.convert("RGB"))
+        image = sample["jpg"]
+        if spec == "rgb":
+            got = np.round(image * 255).astype(np.uint8)
+        elif spec == "pil":
+            got = np.asarray(image)
+        else:
+            got = np.round(image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        assert np.array_equal(got, want), name
+        raw = np.frombuffer(sample[RAW_MEMBER], np.uint8).reshape(64, 64, 3)
+        assert raw.std() > 0  # a real picture, left as bytes by the decoders
+        assert int(np.frombuffer(sample["num"], "<i4")[0]) == ds.number[name]
+        assert np.array_equal(np.frombuffer(sample["attr"], np.int8), ds.attrs[name])
+        assert int(np.frombuffer(sample["ident"], "<i4")[0]) == ds.identity[name]
+        assert np.array_equal(np.frombuffer(sample["lmk"], "<i2"), ds.landmarks[name])
+        info = sample["json"]
+        assert info["num"] == ds.number[name] and info["identity"] == ds.identity[name]
+        assert [info["attrs"][a] for a in ATTR_NAMES] == ds.attrs[name].tolist()
+        seen += 1
+    assert seen == NUM_IMAGES
+
+
+def test_raw_member_of_old_shards_is_still_found(shards, tmp_path):
+    copy = tmp_path / "v1"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    assert manifest["format_version"] == 2 and raw_member(manifest) == RAW_MEMBER
+    manifest["format_version"] = 1
+    manifest["members"] = {("rgb" if k == RAW_MEMBER else k): v for k, v in manifest["members"].items()}
+    del manifest["raw_member"]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    assert raw_member(load_manifest(copy)) == "rgb"
