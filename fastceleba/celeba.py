@@ -1,4 +1,4 @@
-"""The CelebA folder as users have it on disk: the official layout and its text formats.
+"""The CelebA folder as users have it on disk: the official layout, the Kaggle one, and their formats.
 
     ROOT/img_align_celeba/000001.jpg ...        (or img_align_celeba/img_align_celeba/, as the zip unpacks)
     ROOT/list_eval_partition.txt                "000001.jpg 0"            0 train, 1 valid, 2 test
@@ -6,8 +6,15 @@
     ROOT/identity_CelebA.txt                    "000001.jpg 2880"
     ROOT/list_landmarks_align_celeba.txt        count, 10 names, "000001.jpg    69  109 ..."
 
-Every annotation file is optional. Parsers split on whitespace, so CRLF line endings and the
-official column padding both read; a malformed row is a DataError naming file and line.
+The Kaggle distribution has the same tables as CSV with an ``image_id,...`` header line
+(``list_eval_partition.csv``, ``list_attr_celeba.csv``, ``list_landmarks_align_celeba.csv``,
+``list_bbox_celeba.csv``; no identity file). ROOT may also be the image folder itself: the
+annotation files are then looked for beside it.
+
+Every annotation file is optional. Parsers split on whitespace (commas for CSV), so CRLF line
+endings and the official column padding both read; a malformed row is a DataError naming file and
+line, and so is an image listed twice with different values. Image names must be CelebA's
+``NNNNNN.jpg``: the number is the image's identity everywhere (the shards' ``num``).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ PARTITION_FILE = "list_eval_partition.txt"
 ATTR_FILE = "list_attr_celeba.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
 LANDMARKS_FILE = "list_landmarks_align_celeba.txt"
+BBOX_CSV = "list_bbox_celeba.csv"  # Kaggle: boxes in the in-the-wild images, meaningless for aligned ones
+IMAGE_NAME = re.compile(r"(\d{1,9})\.jpe?g", re.IGNORECASE)  # num is an int32
 
 
 def natural_key(name: str) -> list:
@@ -45,8 +54,13 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def _has_jpegs(folder: Path) -> bool:
+    return any(p.suffix.lower() in (".jpg", ".jpeg") for p in folder.iterdir())
+
+
 def find_image_dir(root: Path) -> Path:
-    """ROOT/img_align_celeba, or the nested img_align_celeba/img_align_celeba of the zip."""
+    """ROOT/img_align_celeba, the nested img_align_celeba/img_align_celeba of the zip, or ROOT
+    itself when it holds the images."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such directory; pass the CelebA root that holds {IMAGE_DIR}/")
@@ -56,93 +70,170 @@ def find_image_dir(root: Path) -> Path:
         return nested
     if top.is_dir():
         return top
-    if root.name == IMAGE_DIR:
+    if root.name == IMAGE_DIR or _has_jpegs(root):
         return root
     raise DataError(f"{root}: no {IMAGE_DIR}/ folder inside; pass the CelebA root that holds it")
 
 
+def annotation_dirs(root: Path, image_dir: Path) -> list[Path]:
+    """Where annotation files may be: ROOT, and when ROOT is the image folder, the folders above
+    it up to the CelebA root (Kaggle: root/img_align_celeba/img_align_celeba/)."""
+    dirs = [root]
+    if image_dir == root:
+        dirs.append(root.parent)
+        if root.parent.name == IMAGE_DIR:
+            dirs.append(root.parent.parent)
+    return dirs
+
+
 def list_images(image_dir: Path) -> list[str]:
-    """JPEG file names in the folder, naturally sorted."""
+    """JPEG file names in the folder, in file-number order; every name must be ``NNNNNN.jpg``."""
     names = [p.name for p in Path(image_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg")]
     if not names:
         raise DataError(f"{image_dir}: holds no .jpg images")
+    seen: dict[int, str] = {}
+    for name in names:
+        m = IMAGE_NAME.fullmatch(name)
+        if m is None:
+            raise DataError(f"{image_dir / name}: not a CelebA file name (NNNNNN.jpg, whose number "
+                            "becomes the sample's num); rename it to its number or move it out")
+        number = int(m.group(1))
+        if number in seen:
+            raise DataError(f"{image_dir / name}: has the same number as {seen[number]}; "
+                            "remove one of the two")
+        seen[number] = name
     return sorted(names, key=natural_key)
 
 
-def _rows(path: Path, header_lines: int, width: int) -> tuple[list[list[str]], list[str]]:
-    """Rows of `width` fields after `header_lines` lines; returns (rows, header tokens)."""
+def image_number(name: str) -> int:
+    """The CelebA file number of an image name: 000123.jpg -> 123."""
+    m = IMAGE_NAME.fullmatch(name)
+    if m is None:
+        raise DataError(f"{name}: not a CelebA file name (NNNNNN.jpg)")
+    return int(m.group(1))
+
+
+def _read_lines(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="ascii").splitlines()
+        return path.read_text(encoding="ascii").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e}); re-download or fix the file") from None
+
+
+def _rows(path: Path, columns: list[str] | None, width: int) -> tuple[list[tuple[int, list[str]]], list[str]]:
+    """Rows of `width` fields with their line numbers, and the header tokens.
+
+    The .txt format has a count line and a names line when ``columns`` are given (attributes,
+    landmarks) and no header otherwise; the Kaggle .csv always has one ``image_id,...`` line."""
+    lines = _read_lines(path)
+    csv = path.suffix.lower() == ".csv"
+    split = (lambda line: [f.strip() for f in line.split(",")] if line.strip() else []) if csv \
+        else str.split
     header: list[str] = []
-    if header_lines == 2:
+    count = None
+    if csv:
+        if not lines:
+            raise DataError(f"{path}: empty; re-download the file")
+        header, skip = split(lines[0])[1:], 1
+    elif columns is not None:
         if len(lines) < 2:
             raise DataError(f"{path}: missing the count and header lines; re-download the file")
-        header = lines[1].split()
+        header, skip = lines[1].split(), 2
         try:
             count = int(lines[0].split()[0])
         except (ValueError, IndexError):
             raise DataError(f"{path}:1: expected the image count, got {lines[0][:40]!r}") from None
+    else:
+        skip = 0
     rows = []
-    for lineno, line in enumerate(lines[header_lines:], start=header_lines + 1):
-        fields = line.split()
+    for lineno, line in enumerate(lines[skip:], start=skip + 1):
+        fields = split(line)
         if not fields:
             continue
         if len(fields) != width:
             raise DataError(f"{path}:{lineno}: expected {width} fields, got {len(fields)}; "
                             "the file is truncated or malformed, re-download it")
-        rows.append(fields)
-    if header_lines == 2 and count != len(rows):
+        rows.append((lineno, fields))
+    if count is not None and count != len(rows):
         raise DataError(f"{path}: header says {count} images but {len(rows)} rows follow; "
                         "the file is truncated, re-download it")
+    if columns is not None and header != columns:
+        line = 1 if csv else 2
+        raise DataError(f"{path}:{line}: header is not the {len(columns)} CelebA column names; "
+                        "re-download the file")
     return rows, header
 
 
-def _ints(path: Path, rows: list[list[str]], dtype) -> dict[str, np.ndarray]:
-    out = {}
-    for fields in rows:
+def _table(path: Path, rows, convert, warnings: list[str] | None) -> dict:
+    """{image: value}; an image listed twice is an error when the rows disagree, else a warning."""
+    out, where = {}, {}
+    for lineno, fields in rows:
+        name = fields[0]
         try:
-            out[fields[0]] = np.array([int(v) for v in fields[1:]], dtype=dtype)
-        except ValueError:
-            raise DataError(f"{path}: row {fields[0]} has a non-integer value; fix or re-download "
+            value = convert(fields[1:])
+        except (ValueError, OverflowError) as e:
+            raise DataError(f"{path}:{lineno}: row {name} has a bad value ({e}); fix or re-download "
                             "the file") from None
+        if name in out:
+            if not np.array_equal(out[name], value):
+                raise DataError(f"{path}: {name} is listed twice with different values, at lines "
+                                f"{where[name]} and {lineno}; delete the wrong row or re-download the file")
+            if warnings is not None:
+                warnings.append(f"{path}: {name} is listed twice (lines {where[name]} and {lineno}, "
+                                "same values); using it once")
+            continue
+        out[name], where[name] = value, lineno
     return out
 
 
-def parse_partition(path: Path) -> dict[str, int]:
-    rows, _ = _rows(path, 0, 2)
-    out = {}
-    for name, value in rows:
-        if value not in ("0", "1", "2"):
-            raise DataError(f"{path}: row {name} has split {value!r}, expected 0, 1 or 2")
-        out[name] = int(value)
-    return out
+def _int_array(dtype):
+    return lambda values: np.array([int(v) for v in values], dtype=dtype)
 
 
-def parse_attributes(path: Path) -> dict[str, np.ndarray]:
+def _split_value(values: list[str]) -> int:
+    if values[0] not in ("0", "1", "2"):
+        raise ValueError(f"split {values[0]!r}, expected 0, 1 or 2")
+    return int(values[0])
+
+
+def _pm_one(values: list[str]) -> np.ndarray:
+    arr = _int_array(np.int8)(values)
+    if not np.all(np.abs(arr) == 1):
+        raise ValueError("values other than -1/1")
+    return arr
+
+
+def parse_partition(path: Path, warnings: list[str] | None = None) -> dict[str, int]:
+    path = Path(path)
+    csv = path.suffix.lower() == ".csv"
+    rows, _ = _rows(path, ["partition"] if csv else None, 2)
+    return _table(path, rows, _split_value, warnings)
+
+
+def parse_attributes(path: Path, warnings: list[str] | None = None) -> dict[str, np.ndarray]:
     """{file: int8[40] of -1/+1}."""
-    rows, header = _rows(path, 2, 1 + len(ATTR_NAMES))
-    if header != ATTR_NAMES:
-        raise DataError(f"{path}:2: header is not the 40 CelebA attribute names; re-download the file")
-    out = _ints(path, rows, np.int8)
-    for name, values in out.items():
-        if not np.all(np.abs(values) == 1):
-            raise DataError(f"{path}: row {name} has values other than -1/1")
-    return out
+    rows, _ = _rows(Path(path), ATTR_NAMES, 1 + len(ATTR_NAMES))
+    return _table(Path(path), rows, _pm_one, warnings)
 
 
-def parse_identity(path: Path) -> dict[str, int]:
-    rows, _ = _rows(path, 0, 2)
-    return {name: int(v[0]) for name, v in _ints(path, rows, np.int64).items()}
+def parse_identity(path: Path, warnings: list[str] | None = None) -> dict[str, int]:
+    rows, _ = _rows(Path(path), None, 2)
+    return _table(Path(path), rows, lambda v: int(v[0]), warnings)
 
 
-def parse_landmarks(path: Path) -> dict[str, np.ndarray]:
+def parse_landmarks(path: Path, warnings: list[str] | None = None) -> dict[str, np.ndarray]:
     """{file: int16[10]} in aligned-image pixel coordinates."""
-    rows, header = _rows(path, 2, 1 + len(LANDMARK_NAMES))
-    if header != LANDMARK_NAMES:
-        raise DataError(f"{path}:2: header is not the 10 CelebA landmark names; re-download the file")
-    return _ints(path, rows, np.int16)
+    rows, _ = _rows(Path(path), LANDMARK_NAMES, 1 + len(LANDMARK_NAMES))
+    return _table(Path(path), rows, _int_array(np.int16), warnings)
+
+
+# What each annotation is called in the official (.txt) and Kaggle (.csv) distributions.
+ANNOTATIONS = {
+    "partition": ((PARTITION_FILE, "list_eval_partition.csv"), parse_partition),
+    "attrs": ((ATTR_FILE, "list_attr_celeba.csv"), parse_attributes),
+    "identity": ((IDENTITY_FILE,), parse_identity),
+    "landmarks": ((LANDMARKS_FILE, "list_landmarks_align_celeba.csv"), parse_landmarks),
+}
 
 
 @dataclass
@@ -156,7 +247,22 @@ class CelebA:
     attrs: dict[str, np.ndarray] | None = None
     identity: dict[str, int] | None = None
     landmarks: dict[str, np.ndarray] | None = None
-    number: dict[str, int] = field(default_factory=dict)  # 1-based position in natural order
+    number: dict[str, int] = field(default_factory=dict)  # the CelebA file number: 000123.jpg -> 123
+    sources: dict[str, Path | None] = field(default_factory=dict)  # annotation -> the file used
+    warnings: list[str] = field(default_factory=list)  # things the user should hear about
+
+    def describe(self) -> list[str]:
+        """One line per annotation: which file was used, or that none was found."""
+        where = " or ".join(str(d) for d in annotation_dirs(self.root, self.image_dir))
+        lines = [f"images: {len(self.images)} in {self.image_dir}"]
+        for attr, (names, _) in ANNOTATIONS.items():
+            src = self.sources.get(attr)
+            if src is not None:
+                lines.append(f"{attr}: using {src}")
+            else:
+                lines.append(f"{attr}: none ({' / '.join(names)} not in {where})"
+                             + ("; using a seeded random split (--split, --seed)" if attr == "partition" else ""))
+        return lines
 
 
 def load_celeba(root: Path) -> CelebA:
@@ -164,15 +270,18 @@ def load_celeba(root: Path) -> CelebA:
     root = Path(root).resolve()
     image_dir = find_image_dir(root)
     images = list_images(image_dir)
-    ds = CelebA(root, image_dir, images, number={n: i + 1 for i, n in enumerate(images)})
-    parsers = {"partition": (PARTITION_FILE, parse_partition), "attrs": (ATTR_FILE, parse_attributes),
-               "identity": (IDENTITY_FILE, parse_identity), "landmarks": (LANDMARKS_FILE, parse_landmarks)}
+    ds = CelebA(root, image_dir, images, number={n: image_number(n) for n in images})
+    dirs = annotation_dirs(root, image_dir)
     present = set(images)
-    for attr, (filename, parse) in parsers.items():
-        path = root / filename
-        if not path.is_file():
+    for attr, (filenames, parse) in ANNOTATIONS.items():
+        found = [d / f for d in dirs for f in filenames if (d / f).is_file()]
+        ds.sources[attr] = None
+        if not found:
             continue
-        table = parse(path)
+        path = found[0]  # the official .txt before the Kaggle .csv, nearest folder first
+        for other in found[1:]:
+            ds.warnings.append(f"{other}: not used; reading {attr} from {path}")
+        table = parse(path, ds.warnings)
         if attr == "partition":
             # A partition row names a file that must exist: a missing image is lost data.
             missing = [n for n in table if n not in present]
@@ -184,4 +293,9 @@ def load_celeba(root: Path) -> CelebA:
             raise DataError(f"{path}: has no row for {unlisted[0]} (and {len(unlisted) - 1} more "
                             f"images); re-download the file or remove extra images from {image_dir}")
         setattr(ds, attr, table)
+        ds.sources[attr] = path
+    for d in dirs:
+        if (d / BBOX_CSV).is_file():
+            ds.warnings.append(f"{d / BBOX_CSV}: not used (boxes in the in-the-wild images, not the "
+                               "aligned ones)")
     return ds

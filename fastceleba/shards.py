@@ -5,8 +5,9 @@ A shard directory holds, per split, ``{split}-NNNNN.tar`` with a DALI index ``.i
 stored under the image stem with these members (each only when available):
 
     jpg    the original JPEG bytes, verbatim
-    rgb    size x size x 3 uint8 (HWC) from fastceleba.transforms.resize_crop   (--size N)
-    num    int32: 1-based position in the natural-sorted folder (the CelebA file number)
+    rgb8   size x size x 3 uint8 (HWC) from fastceleba.transforms.resize_crop   (--size N)
+           (format v1 called it ``rgb``, which webdataset's decoders take for an SGI image)
+    num    int32: the CelebA file number, 000123.jpg -> 123
     attr   int8[40], -1/+1 in official order;  ident  int32;  lmk  int16[10]   (little-endian)
     json   the same labels, for humans
 
@@ -16,11 +17,15 @@ byte-reproducible: plain USTAR headers with mtime 0, uid/gid 0 and a fixed membe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
+import sys
 import tarfile
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +41,15 @@ from .files import atomic_write
 from .transforms import resize_crop_array
 
 FORMAT = "fastceleba-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: the raw image member is .rgb8 (v1: .rgb); index checksums; file-number num
+READ_VERSIONS = (1, 2)  # manifests this version reads
+RAW_MEMBER = "rgb8"  # size x size x 3 uint8: a name webdataset's decoders leave as bytes
+LEGACY_RAW_MEMBER = "rgb"  # the v1 name
 MANIFEST = "manifest.json"
 PARTIAL_DIR = ".partial"  # per-shard records of an unfinished run, for resuming
 TAR_BLOCK = 512
+# The files a run writes into OUT (so a later run may remove them, and only them).
+OUR_FILE = re.compile(r"(?:train|valid|test)(?:-\d{5}\.(?:tar|idx)|\.keys\.txt)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,17 +59,30 @@ def load_manifest(root: Path) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        hint = "an unfinished run: re-run tools/shard.py with the same arguments to finish it" \
-            if (root / PARTIAL_DIR).is_dir() else f"make shards with `python tools/shard.py CELEBA_DIR {root}`"
+        if (root / PARTIAL_DIR).is_dir():
+            hint = "an unfinished run: re-run tools/shard.py with the same arguments to finish it"
+        elif root.is_dir() and any(OUR_FILE.fullmatch(p.name) for p in root.iterdir()):
+            hint = (f"the shards there lost it; `python tools/shard.py CELEBA_DIR {root}` (with the "
+                    "options you used) makes them again")
+        else:
+            hint = f"make shards with `python tools/shard.py CELEBA_DIR {root}`"
         raise DataError(f"{path}: no such file; {hint}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable ({e}); re-run tools/shard.py into an empty directory") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READ_VERSIONS:
         raise DataError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest; re-make the shards "
                         "with this version of tools/shard.py")
+    if "raw_member" not in manifest:  # v1
+        manifest["raw_member"] = LEGACY_RAW_MEMBER if LEGACY_RAW_MEMBER in manifest["members"] else None
     return manifest
+
+
+def raw_member(manifest: dict) -> str | None:
+    """The tar extension of the raw size x size x 3 image member (``rgb8``; ``rgb`` in v1
+    shards), or None when the shards carry none."""
+    return manifest.get("raw_member")
 
 
 def _split_entry(root: Path, split: str, manifest: dict | None) -> tuple[dict, dict]:
@@ -96,6 +119,40 @@ def split_keys(root: Path, split: str, manifest: dict | None = None) -> list[str
     if not path.is_file():
         raise DataError(f"{path}: missing; re-run tools/shard.py with the same arguments")
     return path.read_text().split()
+
+
+def check_checksums(root: Path, split: str, manifest: dict | None = None) -> None:
+    """Compare every tar of a split and its DALI index with the manifest (sha256; v1 manifests
+    record no index checksum, so the index is compared with one made from the tar). Raises a
+    DataError naming the first file that differs; the loaders' ``verify=True`` calls this."""
+    root = Path(root)
+    manifest, entry = _split_entry(root, split, manifest)
+    fix = "delete it and re-run tools/shard.py with the same arguments"
+    for shard, (tar, idx) in zip(entry["shards"], shard_paths(root, split, manifest)):
+        if file_sha256(tar) != shard["sha256"]:
+            raise DataError(f"{tar}: sha256 does not match the manifest (corrupt or replaced); {fix}")
+        if "index_sha256" in shard:  # streamed: no tar in memory
+            if file_sha256(idx) != shard["index_sha256"]:
+                raise DataError(f"{idx}: sha256 does not match the manifest (a sample duplicated, "
+                                f"missing or moved, so DALI would read the wrong data); {fix}")
+        else:
+            problem = _index_problem(idx, tar.read_bytes(), shard)
+            if problem:
+                raise DataError(problem)
+
+
+def _index_problem(idx: Path, tar_data: bytes, shard: dict) -> str | None:
+    """Why the index ``idx`` is not the one of ``tar_data`` (None when it is)."""
+    fix = "delete it and re-run tools/shard.py with the same arguments"
+    if not idx.is_file():
+        return f"{idx}: missing; {fix}"
+    text = idx.read_bytes()
+    if "index_sha256" in shard and _sha256(text) != shard["index_sha256"]:
+        return (f"{idx}: sha256 does not match the manifest (a sample duplicated, missing or "
+                f"moved, so DALI would read the wrong data); {fix}")
+    if text != index_of(tar_data).encode():
+        return f"{idx}: does not match {Path(shard['tar']).name}; {fix}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +256,42 @@ class TarBuilder:
         return f"v1.2 {len(self.rows)}\n" + "".join(r + "\n" for r in self.rows)
 
 
+# What PIL and the resize can raise on a bad image: all of it is "this image is unreadable".
+IMAGE_ERRORS = (DataError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _members(path: Path, sample: dict, opts: ShardOptions) -> list[tuple[str, bytes]]:
+    """Read, check and convert one image into its members; DataError when the image is bad."""
+    try:
+        data = path.read_bytes()
+        _check_image(path, data)
+    except IMAGE_ERRORS as e:
+        raise DataError(str(e) if isinstance(e, DataError) else
+                        f"{path}: unreadable ({e}); replace the file, or pass --skip-bad to leave it "
+                        "out (it is listed in the manifest)") from None
+    members = []
+    if opts.jpeg:
+        members.append(("jpg", data))
+    if opts.size:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                raw = resize_crop_array(img, opts.size, opts.crop)
+        except IMAGE_ERRORS as e:
+            raise DataError(f"{path}: cannot be resized for --size {opts.size} ({type(e).__name__}: "
+                            f"{e}); replace the file, or pass --skip-bad to leave it out (it is listed "
+                            "in the manifest)") from None
+        members.append((RAW_MEMBER, raw.tobytes()))
+    members.append(("num", np.int32(sample["num"]).astype("<i4").tobytes()))
+    if "attr" in sample:
+        members.append(("attr", np.asarray(sample["attr"], np.int8).tobytes()))
+    if "ident" in sample:
+        members.append(("ident", np.int32(sample["ident"]).astype("<i4").tobytes()))
+    if "lmk" in sample:
+        members.append(("lmk", np.asarray(sample["lmk"], "<i2").tobytes()))
+    members.append(("json", json.dumps(sample["info"], sort_keys=True).encode()))
+    return members
+
+
 def _encode_shard(job: dict) -> dict:
     """Build one tar in memory and write it (and its index) under temporary names, then rename."""
     opts: ShardOptions = job["opts"]
@@ -206,42 +299,26 @@ def _encode_shard(job: dict) -> dict:
     builder = TarBuilder()
     keys, skipped = [], []
     for sample in job["samples"]:
-        path = image_dir / sample["file"]
         try:
-            data = path.read_bytes()
-            _check_image(path, data)
-        except (DataError, OSError) as e:
+            members = _members(image_dir / sample["file"], sample, opts)
+        except DataError as e:
             if not opts.skip_bad:
-                raise DataError(str(e)) from None
+                raise
             skipped.append({"file": sample["file"], "reason": str(e)})
             continue
-        members = []
-        if opts.jpeg:
-            members.append(("jpg", data))
-        if opts.size:
-            with Image.open(io.BytesIO(data)) as img:
-                members.append(("rgb", resize_crop_array(img, opts.size, opts.crop).tobytes()))
-        members.append(("num", np.int32(sample["num"]).astype("<i4").tobytes()))
-        if "attr" in sample:
-            members.append(("attr", np.asarray(sample["attr"], np.int8).tobytes()))
-        if "ident" in sample:
-            members.append(("ident", np.int32(sample["ident"]).astype("<i4").tobytes()))
-        if "lmk" in sample:
-            members.append(("lmk", np.asarray(sample["lmk"], "<i2").tobytes()))
-        members.append(("json", json.dumps(sample["info"], sort_keys=True).encode()))
         builder.add_sample(sample["file"].split(".")[0], members)
         keys.append(sample["file"])
     tar_path, idx_path = out / job["tar"], out / job["index"]
     if not keys:
         raise DataError(f"{tar_path}: every image of this shard was skipped as unreadable; "
                         f"check {image_dir}")
-    data = builder.tar_bytes()
+    data, index = builder.tar_bytes(), builder.index().encode()
     # The index first, then the tar: a tar that exists under its final name is always complete.
-    atomic_write(idx_path, builder.index().encode())
+    atomic_write(idx_path, index)
     atomic_write(tar_path, data)
     record = {"tar": job["tar"], "index": job["index"], "num_samples": len(keys),
-              "bytes": len(data), "sha256": _sha256(data), "fingerprint": job["fingerprint"],
-              "keys": keys, "skipped": skipped}
+              "bytes": len(data), "sha256": _sha256(data), "index_sha256": _sha256(index),
+              "fingerprint": job["fingerprint"], "keys": keys, "skipped": skipped}
     atomic_write(out / PARTIAL_DIR / f"{job['tar']}.json", json.dumps(record).encode())
     return record
 
@@ -278,36 +355,127 @@ def _reusable(out: Path, record_path: Path, fingerprint: str) -> dict | None:
     tar, idx = out / record["tar"], out / record["index"]
     if record.get("fingerprint") != fingerprint or not tar.is_file() or not idx.is_file():
         return None
-    if tar.stat().st_size != record["bytes"] or file_sha256(tar) != record["sha256"]:
+    if tar.stat().st_size != record["bytes"] or file_sha256(tar) != record["sha256"] \
+            or file_sha256(idx) != record.get("index_sha256"):
         return None
     return record
 
 
-def _check_out_dir(out: Path, run_id: str) -> None:
-    """Refuse to mix our shards with another run's; allow resuming our own."""
+def _inputs(ds: CelebA, opts: ShardOptions) -> dict:
+    """Everything that shapes a shard: a change in any of it makes finished shards stale."""
+    images = hashlib.sha256("\n".join(ds.images).encode())  # sizes go into each shard's fingerprint
+    return {"format": FORMAT_VERSION, "source": str(ds.root), "options": opts.as_dict(),
+            "images": images.hexdigest(),
+            "annotations": {k: [str(p), file_sha256(p)] if p else None for k, p in ds.sources.items()}}
+
+
+def _changed(previous: dict | None, current: dict) -> str:
+    """What differs between two runs' inputs, in words."""
+    if not previous:
+        return "input or options"
+    what = [k for k in ("format", "source", "options", "images") if previous.get(k) != current.get(k)]
+    old, new = previous.get("annotations") or {}, current["annotations"]
+    what += [Path((new.get(k) or old.get(k))[0]).name for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)]
+    return ", ".join(what) or "input or options"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remove_ours(out: Path) -> None:
+    """Delete what our runs write into OUT (shards, indexes, key lists, resume state, temp files)."""
+    for p in out.iterdir():
+        if p.is_file() and (OUR_FILE.fullmatch(p.name) or _is_temp(p.name)):
+            p.unlink()
+    partial = out / PARTIAL_DIR
+    if partial.is_dir():
+        for p in partial.iterdir():
+            p.unlink()
+        partial.rmdir()
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # fastceleba.files.atomic_path's names
+
+
+def _prepare_out(out: Path, run_id: str, inputs: dict, log) -> None:
+    """Refuse to mix our shards with another run's; resume our own; start over after a run that
+    cannot be finished (other inputs, or its manifest deleted); remove a dead run's temp files."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not a directory; give OUT a directory path (new or empty)")
+    if not out.is_dir():
+        return
     partial_run = out / PARTIAL_DIR / "run.json"
     if (out / MANIFEST).is_file():
-        try:
-            previous = json.loads((out / MANIFEST).read_text()).get("run_id")
-        except ValueError:
-            previous = None
-        if previous != run_id:
-            raise DataError(f"{out}: already holds shards made from other input or options; "
-                            "choose an empty directory or delete this one")
+        previous = _read_json(out / MANIFEST)
+        if previous.get("run_id") != run_id:
+            raise DataError(f"{out}: holds finished shards of other {_changed(previous.get('inputs'), inputs)}; "
+                            f"choose another OUT, or delete them (`rm -r {out}`) and re-run")
     elif partial_run.is_file():
-        if json.loads(partial_run.read_text()).get("run_id") != run_id:
-            raise DataError(f"{out}: holds an unfinished run with other input or options; "
-                            "re-run that command to finish it, or delete the directory")
-    elif out.is_dir() and any(p.suffix in (".tar", ".idx") for p in out.iterdir()):
-        raise DataError(f"{out}: already holds tar shards not made by tools/shard.py; "
-                        "choose an empty directory")
+        previous = _read_json(partial_run)
+        if previous.get("run_id") != run_id:
+            log(f"{out}: an unfinished run of other {_changed(previous.get('inputs'), inputs)} was "
+                "here; its shards are stale, starting over")
+            _remove_ours(out)
+    else:
+        names = [p.name for p in out.iterdir()]
+        foreign = [n for n in names if n.endswith((".tar", ".idx")) and not OUR_FILE.fullmatch(n)]
+        if foreign:
+            raise DataError(f"{out}: already holds tar shards not made by tools/shard.py ({foreign[0]}); "
+                            "choose an empty directory")
+        if any(n.endswith(".keys.txt") and OUR_FILE.fullmatch(n) for n in names):
+            log(f"{out}: shards without {MANIFEST} (deleted?); making them again")
+            _remove_ours(out)
+        elif any(OUR_FILE.fullmatch(n) for n in names):
+            raise DataError(f"{out}: holds shard files but no {MANIFEST} or resume state; delete them "
+                            f"(`rm -r {out}`) and re-run")
+    for folder in (out, out / PARTIAL_DIR):  # temp files of a run that was killed
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if _is_temp(p.name) and p.is_file():
+                    p.unlink()
+
+
+def os_error_line(e: OSError, out: Path) -> str:
+    """One line for an OSError met while writing OUT: the path and the fix."""
+    path = e.filename or out
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{path}: no space left on the device; free some space or choose another OUT, then "
+                "re-run the same command (finished shards are kept)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{path}: not writable ({e.strerror}); choose a writable OUT or fix its permissions"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{path}: a file is in the way of a directory ({e.strerror}); give OUT a directory path"
+    return f"{path}: {e.strerror or e}; check the path and re-run the same command"
+
+
+def _watch_parent(parent: int) -> None:
+    """Pool-worker initializer: exit when the parent dies (kill -9 runs no cleanup, and a forked
+    worker would otherwise wait on its task queue forever)."""
+    def watch():
+        while os.getppid() == parent:
+            threading.Event().wait(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def write_shards(src: Path, out: Path, opts: ShardOptions = ShardOptions(), *,
-                 workers: int | None = None, progress: bool = True) -> dict:
-    """Shard the CelebA root ``src`` into ``out``; resumes an interrupted run of the same command."""
-    from tqdm import tqdm
+                 workers: int | None = None, progress: bool = True, log=_stderr) -> dict:
+    """Shard the CelebA root ``src`` into ``out``; resumes an interrupted run of the same command.
 
+    ``log`` gets the lines a user must see: which annotation files were used, warnings, and
+    why a run starts over."""
     if opts.size is not None and opts.size <= 0 or opts.crop is not None and opts.crop <= 0:
         raise DataError("--size and --crop must be positive")
     if not opts.jpeg and not opts.size:
@@ -316,16 +484,35 @@ def write_shards(src: Path, out: Path, opts: ShardOptions = ShardOptions(), *,
         raise DataError("--shard-size and --shard-bytes must be positive")
     ds = load_celeba(src)
     out = Path(out).resolve()
-    run_id = _fingerprint({"format": FORMAT_VERSION, "source": str(ds.root), "options": opts.as_dict()})
-    _check_out_dir(out, run_id)
+    for inside in (ds.root, ds.image_dir):
+        if out == inside or inside in out.parents:
+            raise DataError(f"{out}: is inside the CelebA folder {inside}; choose an OUT outside it "
+                            f"(e.g. {ds.root.parent / 'shards'})")
+    for line in ds.describe():
+        log(line)
+    for line in ds.warnings:
+        log(f"warning: {line}")
+    try:
+        return _write(ds, out, opts, workers, progress, log)
+    except OSError as e:
+        raise DataError(os_error_line(e, out)) from None
+
+
+def _write(ds: CelebA, out: Path, opts: ShardOptions, workers: int | None, progress: bool, log) -> dict:
+    from tqdm import tqdm
+
+    inputs = _inputs(ds, opts)
+    run_id = _fingerprint(inputs)
+    _prepare_out(out, run_id, inputs, log)
     (out / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write(out / PARTIAL_DIR / "run.json", json.dumps({"run_id": run_id}).encode())
+    atomic_write(out / PARTIAL_DIR / "run.json", json.dumps({"run_id": run_id, "inputs": inputs}).encode())
 
     jobs, records = [], {}
     for split, names in assign_splits(ds, opts).items():
         for i, chunk in enumerate(cut_shards(names, ds.image_dir, opts)):
             tar = f"{split}-{i:05d}.tar"
-            fingerprint = _fingerprint([run_id, chunk])
+            # A replaced image (its size, in practice) makes only its own shard stale.
+            fingerprint = _fingerprint([run_id, [(n, os.path.getsize(ds.image_dir / n)) for n in chunk]])
             reused = _reusable(out, out / PARTIAL_DIR / f"{tar}.json", fingerprint)
             if reused is not None:
                 records[tar] = reused
@@ -342,20 +529,19 @@ def write_shards(src: Path, out: Path, opts: ShardOptions = ShardOptions(), *,
                 records[record["tar"]] = record
                 bar.update(len(job["samples"]))
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=_watch_parent, initargs=(os.getpid(),)) as pool:
                 for job, record in zip(jobs, pool.map(_encode_shard, jobs)):
                     records[record["tar"]] = record
                     bar.update(len(job["samples"]))
-    manifest = _finish(ds, out, opts, run_id, records)
-    return manifest
+    return _finish(ds, out, opts, run_id, inputs, records)
 
 
-def _finish(ds: CelebA, out: Path, opts: ShardOptions, run_id: str, records: dict) -> dict:
+def _finish(ds: CelebA, out: Path, opts: ShardOptions, run_id: str, inputs: dict, records: dict) -> dict:
     members = {}
     if opts.jpeg:
         members["jpg"] = {"dtype": "bytes"}
     if opts.size:
-        members["rgb"] = {"dtype": "uint8", "shape": [opts.size, opts.size, 3]}
+        members[RAW_MEMBER] = {"dtype": "uint8", "shape": [opts.size, opts.size, 3]}
     members["num"] = {"dtype": "int32", "shape": [1]}
     if ds.attrs is not None:
         members["attr"] = {"dtype": "int8", "shape": [len(ATTR_NAMES)]}
@@ -370,14 +556,16 @@ def _finish(ds: CelebA, out: Path, opts: ShardOptions, run_id: str, records: dic
         keys = [k for s in shards for k in s["keys"]]
         atomic_write(out / f"{split}.keys.txt", "".join(k + "\n" for k in keys).encode())
         splits[split] = {"num_samples": len(keys), "keys": f"{split}.keys.txt",
-                         "shards": [{k: s[k] for k in ("tar", "index", "num_samples", "bytes", "sha256")}
-                                    for s in shards]}
+                         "shards": [{k: s[k] for k in ("tar", "index", "num_samples", "bytes", "sha256",
+                                                       "index_sha256")} for s in shards]}
         skipped += [x for s in shards for x in s["skipped"]]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
-        "run_id": run_id, "source": str(ds.root), "image_dir": str(ds.image_dir),
+        "run_id": run_id, "inputs": inputs, "source": str(ds.root), "image_dir": str(ds.image_dir),
+        "annotations": {k: str(p) if p else None for k, p in ds.sources.items()},
         "options": opts.as_dict(), "size": opts.size, "crop": opts.crop if opts.size else None,
-        "members": members, "attr_names": ATTR_NAMES if ds.attrs is not None else None,
+        "members": members, "raw_member": RAW_MEMBER if opts.size else None,
+        "attr_names": ATTR_NAMES if ds.attrs is not None else None,
         "landmark_names": LANDMARK_NAMES if ds.landmarks is not None else None,
         "splits": splits, "skipped": sorted(skipped, key=lambda x: x["file"]),
     }
@@ -418,10 +606,9 @@ def verify(root: Path, progress: bool = True) -> list[str]:
                 problems.append(f"{tar}: checksum does not match the manifest (corrupt or truncated); "
                                 "delete it and re-run tools/shard.py with the same arguments")
                 continue
-            idx = root / shard["index"]
-            if not idx.is_file() or idx.read_text() != index_of(data):
-                problems.append(f"{idx}: missing or does not match {tar.name}; delete it and re-run "
-                                "tools/shard.py with the same arguments")
+            problem = _index_problem(root / shard["index"], data, shard)
+            if problem:
+                problems.append(problem)
             shard_keys, shard_problems = _check_samples(tar, data, members)
             problems += shard_problems
             if len(shard_keys) != shard["num_samples"]:

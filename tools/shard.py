@@ -5,8 +5,14 @@
     python tools/shard.py ~/data/celeba shards64/ --size 64 --no-jpeg   # raw 64x64, fastest to load
     python tools/shard.py --verify shards/                # re-read everything, check checksums
 
-Exit status: 0 done (or verified clean), 1 verification found problems, 2 bad input.
-Re-running an interrupted command with the same arguments resumes: finished shards are kept.
+SRC is the CelebA root (official layout, or Kaggle's: CSV annotations and the nested
+img_align_celeba/img_align_celeba/) or the image folder itself; the tool prints which annotation
+files it found and uses. Image names must be CelebA's NNNNNN.jpg (the number is the sample's num).
+
+Exit status: 0 done (or verified clean), 1 verification found problems, 2 bad input (one line
+`error: FILE: what is wrong; the fix`). Re-running an interrupted command with the same arguments
+resumes: finished shards are kept. If the annotations, the image list or the options changed
+since, the unfinished run starts over (and says so).
 """
 
 import argparse
@@ -21,20 +27,21 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from fastceleba.cli import byte_size, fractions
 from fastceleba.errors import DataError
-from fastceleba.shards import ShardOptions, verify, write_shards
+from fastceleba.shards import RAW_MEMBER, ShardOptions, os_error_line, verify, write_shards
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="SRC OUT",
-                   help="the CelebA root (holding img_align_celeba/ and the annotation .txt files) and "
-                        "the output directory; with --verify, only the shard directory")
+                   help="the CelebA root (holding img_align_celeba/ and the annotation .txt or Kaggle .csv "
+                        "files, or the image folder itself) and the output directory, which must not "
+                        "be inside SRC; with --verify, only the shard directory")
     p.add_argument("--verify", action="store_true",
-                   help="re-read every shard of OUT: counts, sha256 against the manifest, indexes, "
-                        "and that every image decodes")
+                   help="re-read every shard of OUT: counts, sha256 of every tar and DALI index against "
+                        "the manifest, and that every image decodes")
     p.add_argument("--size", type=int, default=None,
                    help="also store each image resized (shorter side) and centre-cropped to SIZE x SIZE "
-                        "as raw uint8 RGB, the loaders' own transform (member .rgb)")
+                        f"as raw uint8 RGB, the loaders' own transform (member .{RAW_MEMBER})")
     p.add_argument("--crop", type=int, default=None,
                    help="with --size: first crop the centre CROP x CROP pixels (148 is the usual CelebA face crop)")
     p.add_argument("--no-jpeg", dest="jpeg", action="store_false",
@@ -44,10 +51,11 @@ def main(argv=None) -> int:
                    help="cut shards by size instead, e.g. 500M (overrides --shard-size)")
     p.add_argument("--split", type=fractions, default=(0.8, 0.1, 0.1),
                    help="train,valid,test fractions for a seeded random split, used only when "
-                        "list_eval_partition.txt is absent (default 0.8,0.1,0.1; the notebook's was 0.8,0,0.2)")
+                        "list_eval_partition.txt/.csv is absent (default 0.8,0.1,0.1; the notebook's was 0.8,0,0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random split and of the in-split shuffle")
     p.add_argument("--skip-bad", action="store_true",
-                   help="leave out unreadable images (listed in the manifest) instead of stopping")
+                   help="leave out unreadable images (corrupt, truncated, too large for PIL, or failing the "
+                        "--size resize) instead of stopping; each is printed and listed in the manifest")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
@@ -71,6 +79,9 @@ def main(argv=None) -> int:
                                 workers=args.workers, progress=args.progress)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. reading a shard directory we may not open
+        print(f"error: {os_error_line(e, Path(args.paths[-1]))}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     total = sum(s["num_samples"] for s in manifest["splits"].values())
