@@ -389,10 +389,11 @@ def data_shards(jpeg_only: bool) -> Callable[[Check], dict]:
                           "--workers", min(2, os.cpu_count() or 1), "--no-progress"))
         manifest = json.loads((out / "manifest.json").read_text())
         members = sorted(manifest["members"])
-        if jpeg_only and "rgb" in members:
-            raise Failure(f"{out}: JPEG-only shards carry an rgb member; DALI would not decode")
-        if not jpeg_only and "rgb" not in members:
-            raise Failure(f"{out}: --size 64 shards have no rgb member")
+        raw = manifest.get("raw_member")  # the raw 64x64 member's name (rgb8; rgb in v1 shards)
+        if jpeg_only and raw in members:
+            raise Failure(f"{out}: JPEG-only shards carry a raw member; DALI would not decode")
+        if not jpeg_only and raw not in members:
+            raise Failure(f"{out}: --size 64 shards have no raw member")
         return {"dir": str(out), "members": members,
                 "splits": {s: v["num_samples"] for s, v in manifest["splits"].items()}}
     return run

@@ -351,10 +351,10 @@ def main(argv=None) -> int:
             rgb_dir = args.raw or rgb_dir
         else:
             jpg_dir, rgb_dir = args.data, args.raw or args.data
-        from fastceleba.shards import load_manifest
+        from fastceleba.shards import load_manifest, raw_member
 
         has = {"jpg": "jpg" in load_manifest(jpg_dir)["members"],
-               "rgb": "rgb" in load_manifest(rgb_dir)["members"] and load_manifest(rgb_dir)["size"] == 64}
+               "rgb": raw_member(load_manifest(rgb_dir)) is not None and load_manifest(rgb_dir)["size"] == 64}
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

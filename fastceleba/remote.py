@@ -39,7 +39,7 @@ from typing import BinaryIO, Iterator
 from . import shards
 from .errors import DataError
 from .files import atomic_path, atomic_write
-from .shards import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256, index_of
+from .shards import MANIFEST, file_sha256, index_of
 
 TIMEOUT = 60  # seconds without a byte before an http read gives up
 OBJECT_STORES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "ais://", "ftp://", "sftp://")
@@ -147,21 +147,8 @@ def read_bytes(src: str | os.PathLike) -> bytes:
         raise DataError(f"{src}: reading stopped ({e!r}); check the server or the command") from None
 
 
-def parse_manifest(data: bytes, where: str) -> dict:
-    """A manifest's JSON, checked to be ours (the same checks as shards.load_manifest)."""
-    try:
-        manifest = json.loads(data)
-    except ValueError as e:
-        raise DataError(f"{where}: not JSON ({e}); point at a directory written by tools/shard.py") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{where}: not a {FORMAT} v{FORMAT_VERSION} manifest; re-make the shards "
-                        "with this version of tools/shard.py")
-    return manifest
-
-
 def load_manifest(root: RemoteDir) -> dict:
-    return parse_manifest(read_bytes(root / MANIFEST), root / MANIFEST)
+    return shards.parse_manifest(read_bytes(root / MANIFEST), str(root / MANIFEST))
 
 
 def read_manifest(root: Path | RemoteDir) -> dict:
@@ -241,7 +228,7 @@ def stage(src: str | os.PathLike, dest: str | os.PathLike, splits: list[str] | N
                             "a pipe: command")
         if dest.exists() and loc.resolve() == dest.resolve():
             raise DataError(f"{dest}: SRC and DEST are the same directory; choose another DEST")
-    manifest = parse_manifest(read_bytes(loc / MANIFEST), str(loc / MANIFEST))
+    manifest = shards.parse_manifest(read_bytes(loc / MANIFEST), str(loc / MANIFEST))
     splits = list(manifest["splits"]) if not splits else splits
     for split in splits:
         split_entry(loc, split, manifest)

@@ -68,11 +68,22 @@ def load_manifest(root: Path) -> dict:
             hint = f"make shards with `python tools/shard.py CELEBA_DIR {root}`"
         raise DataError(f"{path}: no such file; {hint}")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise DataError(f"{path}: unreadable ({e}); re-run tools/shard.py into an empty directory") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READ_VERSIONS:
-        raise DataError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest; re-make the shards "
+    return parse_manifest(data, str(path))
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """A manifest's JSON (read from a file or a URL), checked to be ours, in the current version's
+    terms (``raw_member`` filled in for v1)."""
+    try:
+        manifest = json.loads(data)
+    except ValueError as e:
+        raise DataError(f"{where}: not JSON ({e}); re-run tools/shard.py into an empty directory") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("format_version") not in READ_VERSIONS:
+        raise DataError(f"{where}: not a {FORMAT} v{FORMAT_VERSION} manifest; re-make the shards "
                         "with this version of tools/shard.py")
     if "raw_member" not in manifest:  # v1
         manifest["raw_member"] = LEGACY_RAW_MEMBER if LEGACY_RAW_MEMBER in manifest["members"] else None

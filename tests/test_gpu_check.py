@@ -111,8 +111,8 @@ def test_cpu_items_check_what_they_say(run):
     _, report, _ = run
     by_name = items(report)
     jpg = by_name["data:shard-jpg"]["details"]
-    assert "jpg" in jpg["members"] and "rgb" not in jpg["members"]  # DALI must decode the JPEG member
-    assert "rgb" in by_name["data:shard-rgb64"]["details"]["members"]
+    assert "jpg" in jpg["members"] and "rgb8" not in jpg["members"]  # DALI must decode the JPEG member
+    assert "rgb8" in by_name["data:shard-rgb64"]["details"]["members"]
     gpu_tests = by_name["cpu:find-gpu-tests"]["details"]["gpu_tests"]
     assert any("test_batches_arrive_on_the_gpu" in t for t in gpu_tests)
     assert not any("test_cuda_without_a_gpu_is_refused" in t for t in gpu_tests)  # runs without a GPU

@@ -156,6 +156,7 @@ class _Feed:
 
     def __init__(self, tar: TarMembers, member: str, size: int, crop: int | None, root: str, threads: int):
         self.tar, self.member, self.size, self.crop, self.root = tar, member, size, crop, root
+        self.ext = tar.sd.ext(member)
         self.batches: list[tuple[np.ndarray, np.ndarray]] = []  # the epoch being fed
         self.stop = False             # set to end the current epoch early
         self.in_flight: deque = deque()  # sample indices of the batches fed but not handed out yet
@@ -170,7 +171,7 @@ class _Feed:
         for rows, flips in self.batches:
             if self.stop:
                 return
-            data = [np.frombuffer(self.tar.read(int(i), self.member), np.uint8) for i in rows]
+            data = [np.frombuffer(self.tar.read(int(i), self.ext), np.uint8) for i in rows]
             self.in_flight.append(rows)
             if self.member == "rgb":
                 yield data, flips
@@ -244,7 +245,7 @@ class DaliLoader(Loader):
             self.threads = max(1, self.num_workers, cores_per_local_rank())
         else:
             self.device_id, self.threads = None, max(1, self.num_workers)
-        tar = TarMembers(sd, [self.member] + [name for name, _ in sd.labels])
+        tar = TarMembers(sd, [sd.ext(self.member)] + [name for name, _ in sd.labels])
         self.labels = {k: torch.from_numpy(v).to(self.device) for k, v in tar.labels().items()}
         self.feed = _Feed(tar, self.member, self.size, self.crop, str(sd.root), self.threads)
         self._iter = None

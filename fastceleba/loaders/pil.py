@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..celeba import natural_key
+from ..celeba import image_number, natural_key
 from ..errors import DataError
 from ..shards import MANIFEST
 from ..transforms import check_geometry, resize_crop
@@ -48,7 +48,7 @@ class _FolderDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: unreadable image ({e}); replace it or re-download CelebA") from None
         if flip:
             img = TF.hflip(img)
-        return {"image": TF.to_tensor(img), "num": torch.tensor(int(name.split(".")[0]), dtype=torch.int32),
+        return {"image": TF.to_tensor(img), "num": torch.tensor(image_number(name), dtype=torch.int32),
                 "valid": torch.tensor(bool(valid))}
 
 

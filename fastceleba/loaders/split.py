@@ -17,7 +17,7 @@ import numpy as np
 from .. import remote
 from ..errors import DataError
 from ..remote import RemoteDir, location
-from ..shards import MANIFEST, file_sha256, load_manifest, read_index, shard_paths, split_keys
+from ..shards import MANIFEST, check_checksums, load_manifest, raw_member, read_index, shard_paths, split_keys
 
 LABELS = ("num", "attr", "ident")  # binary members that go into batches, when the shards carry them
 
@@ -42,10 +42,14 @@ class SplitData:
     def members(self) -> dict:
         return self.manifest["members"]
 
+    def ext(self, member: str) -> str:
+        """The tar extension holding ``member`` ("jpg", or "rgb": ``rgb8``, ``rgb`` in v1 shards)."""
+        return raw_member(self.manifest) if member == "rgb" else member
+
 
 def open_split(data: str | os.PathLike, split: str, verify: bool = False) -> SplitData:
     """Check and describe a split. Cheap checks always (files exist, sizes match the manifest,
-    counts agree); ``verify=True`` also compares each tar's sha256 with the manifest. ``data`` may
+    counts agree); ``verify=True`` also compares each tar's and index's sha256 with the manifest. ``data`` may
     be an http(s) URL or a ``pipe:`` command (fastceleba.remote): the manifest and keys are read
     from there; tars are neither fetched nor checked here, and ``verify=True`` is refused."""
     root = location(data)
@@ -69,10 +73,7 @@ def open_split(data: str | os.PathLike, split: str, verify: bool = False) -> Spl
         raise DataError(f"{root / MANIFEST}: split {split!r} has no samples; choose another split "
                         "or re-shard with a split that gives it images")
     if verify:
-        for shard, (tar, _) in zip(entry["shards"], shards):
-            if file_sha256(tar) != shard["sha256"]:
-                raise DataError(f"{tar}: sha256 does not match the manifest (corrupt or replaced); "
-                                "delete it and re-run tools/shard.py with the same arguments")
+        check_checksums(root, split, manifest)  # every tar and DALI index against the manifest
     members = manifest["members"]
     labels = [(name, members[name]["dtype"]) for name in LABELS if name in members]
     if "num" not in members:
@@ -83,7 +84,8 @@ def open_split(data: str | os.PathLike, split: str, verify: bool = False) -> Spl
 def choose_member(sd: SplitData, member: str, size: int, crop: int | None) -> str:
     """Resolve ``member`` ("jpg", "rgb" or "auto") against what the shards hold."""
     members, manifest_path = sd.members, sd.root / MANIFEST
-    rgb_ok = "rgb" in members and sd.manifest.get("size") == size and sd.manifest.get("crop") == crop
+    raw = raw_member(sd.manifest)
+    rgb_ok = raw is not None and sd.manifest.get("size") == size and sd.manifest.get("crop") == crop
     if member == "auto":
         member = "rgb" if rgb_ok else "jpg"
     if member == "jpg" and "jpg" not in members:
@@ -91,7 +93,7 @@ def choose_member(sd: SplitData, member: str, size: int, crop: int | None) -> st
                         f".rgb members are {sd.manifest.get('size')} px, crop {sd.manifest.get('crop')}; "
                         f"ask for that geometry or re-shard with JPEGs")
     if member == "rgb" and not rgb_ok:
-        have = (f"{sd.manifest.get('size')} px, crop {sd.manifest.get('crop')}" if "rgb" in members
+        have = (f"{sd.manifest.get('size')} px, crop {sd.manifest.get('crop')}" if raw
                 else "absent")
         raise DataError(f"{manifest_path}: .rgb members are {have} but size={size}, crop={crop} was "
                         f"asked; use member='jpg' or re-shard with --size {size}"

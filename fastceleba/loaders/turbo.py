@@ -64,7 +64,8 @@ class SampleReader:
 
     def __init__(self, sd: SplitData, member: str, size: int, crop: int | None):
         self.sd, self.member, self.size, self.crop = sd, member, size, crop
-        self.tar = TarMembers(sd, [member] + [name for name, _ in sd.labels])
+        self.ext = sd.ext(member)
+        self.tar = TarMembers(sd, [self.ext] + [name for name, _ in sd.labels])
         self._labels = self.tar.labels()
 
     def _decode(self, i: int) -> tuple[np.ndarray, tuple[int, int], int]:
@@ -84,7 +85,7 @@ class SampleReader:
         if self.member == "rgb":
             flat = out.reshape(len(idx), -1)
             for j, i in enumerate(idx):
-                self.tar.read_into(i, "rgb", flat[j])
+                self.tar.read_into(i, self.ext, flat[j])
             return out
         decoded = [self._decode(i) for i in idx]
         groups: dict[tuple, list[int]] = {}

@@ -199,8 +199,9 @@ class WdsLoader(Loader):
         numpy. Members not asked for (json, lmk, ...) are never touched."""
         s = self.size
         key = sample.get("__key__")
-        if self.member not in sample:
-            raise DataError(f"{sample.get('__url__')}: sample {key} has no .{self.member}; "
+        ext = self.sd.ext(self.member)
+        if ext not in sample:
+            raise DataError(f"{sample.get('__url__')}: sample {key} has no .{ext}; "
                             "re-run tools/shard.py")
         if self.member == "jpg":
             try:
@@ -213,7 +214,7 @@ class WdsLoader(Loader):
                 raise DataError(f"{sample.get('__url__')}: {key}.jpg does not decode ({e}); "
                                 f"run `python tools/shard.py --verify {self.sd.root}`") from None
         else:
-            img = np.frombuffer(sample["rgb"], np.uint8).reshape(s, s, 3)
+            img = np.frombuffer(sample[ext], np.uint8).reshape(s, s, 3)
         if flip_rng is not None and self.flip and flip_rng.random() < 0.5:
             img = img[:, ::-1]
         out = {"image": img}
