@@ -573,6 +573,9 @@ def _finish(ds: CelebA, out: Path, opts: ShardOptions, run_id: str, inputs: dict
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
         "run_id": run_id, "inputs": inputs, "source": str(ds.root), "image_dir": str(ds.image_dir),
+        # as seen from OUT too: another node (or a moved copy) finds the images where it keeps
+        # shards and folder side by side, at whatever absolute path
+        "image_dir_relative": os.path.relpath(ds.image_dir.resolve(), out.resolve()),
         "annotations": {k: str(p) if p else None for k, p in ds.sources.items()},
         "options": opts.as_dict(), "size": opts.size, "crop": opts.crop if opts.size else None,
         "members": members, "raw_member": RAW_MEMBER if opts.size else None,

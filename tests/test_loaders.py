@@ -493,6 +493,21 @@ def test_pil_folder_override_and_missing_folder(shards, celeba_root, tmp_path):
         make_loader("pil", shards, "valid", 8, folder=partial)
 
 
+def test_pil_finds_the_folder_beside_moved_shards(celeba_root, tmp_path):
+    """Another node (or a moved copy) keeps the shards and the image folder side by side at another
+    absolute path: pil finds the folder relative to the shards."""
+    from fastceleba.shards import ShardOptions, write_shards
+
+    old = tmp_path / "old"
+    shutil.copytree(celeba_root, old / "celeba")
+    write_shards(old / "celeba", old / "shards", ShardOptions(shard_size=100), progress=False)
+    new = tmp_path / "elsewhere" / "data"
+    shutil.move(old, new)
+    loader = make_loader("pil", new / "shards", "valid", 8, num_workers=0)
+    assert loader.folder == new / "shards" / ".." / "celeba" / "img_align_celeba"
+    assert len(epoch(loader)) == 3
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_a_gpu_is_refused(shards):
     with pytest.raises(ValueError, match="CUDA"):

@@ -68,14 +68,26 @@ class _PlanBatches(torch.utils.data.Sampler):
             yield [(int(i), bool(v), bool(flips[i])) for i, v in zip(idx[s], valid[s])]
 
 
+def _image_folder(sd: SplitData) -> Path:
+    """The folder the shards were made from: as seen from the shards first (it holds wherever the
+    two sit side by side, on any node), else the absolute path recorded when they were made."""
+    recorded = [sd.root / sd.manifest["image_dir_relative"]] if "image_dir_relative" in sd.manifest else []
+    recorded.append(Path(sd.manifest["image_dir"]))
+    for folder in recorded:
+        if folder.is_dir():
+            return folder
+    raise DataError(f"{recorded[-1]}: image folder not found (nor {recorded[0]}; recorded in "
+                    f"{sd.root / MANIFEST}); pass folder= (bench: --folder) pointing at img_align_celeba")
+
+
 class PilLoader(Loader):
     kind = "pil"
 
     def __init__(self, sd: SplitData, folder: Path | None, **kw):
-        folder = Path(folder or sd.manifest["image_dir"])
+        folder = Path(folder) if folder else _image_folder(sd)
         if not folder.is_dir():
-            raise DataError(f"{folder}: image folder not found (recorded in {sd.root / MANIFEST}); "
-                            "pass folder= (bench: --folder) pointing at img_align_celeba")
+            raise DataError(f"{folder}: image folder not found; pass folder= (bench: --folder) pointing at "
+                            "img_align_celeba")
         names = sorted(sd.keys, key=natural_key)  # the notebook's natsorted order
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
