@@ -66,7 +66,7 @@ def machine() -> dict:
 
 def prepare_data(cache_dir: Path, num: int) -> tuple[Path, Path]:
     """Synthetic CelebA + JPEG shards + raw 64x64 shards under cache_dir (made once)."""
-    from fastceleba.shards import ShardOptions, write_shards
+    from fastceleba.shardwriter import ShardOptions, write_shards
     from fastceleba.synth import generate
 
     src, jpg, rgb = cache_dir / f"celeba-{num}", cache_dir / f"jpg-{num}", cache_dir / f"rgb64-{num}"

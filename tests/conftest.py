@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tools/ and bench/ scripts import fastceleba from the checkout
 
-from fastceleba.shards import ShardOptions, write_shards  # noqa: E402
+from fastceleba.shardwriter import ShardOptions, write_shards  # noqa: E402
 from fastceleba.synth import generate  # noqa: E402
 
 NUM_IMAGES = 240  # official-style contiguous partition: 192 train, 24 valid, 24 test

@@ -21,11 +21,13 @@ from PIL import Image
 
 from conftest import NUM_IMAGES, ROOT
 from fastceleba import shards as shards_mod
+from fastceleba import shardwriter
 from fastceleba.celeba import (ATTR_FILE, ATTR_NAMES, IDENTITY_FILE, LANDMARK_NAMES, LANDMARKS_FILE,
                                PARTITION_FILE, load_celeba, parse_identity, parse_partition)
 from fastceleba.errors import DataError
-from fastceleba.shards import (MANIFEST, PARTIAL_DIR, RAW_MEMBER, ShardOptions, check_checksums,
-                               load_manifest, raw_member, shard_paths, verify, write_shards)
+from fastceleba.shards import (MANIFEST, PARTIAL_DIR, RAW_MEMBER, check_checksums, load_manifest, raw_member,
+                               shard_paths, verify)
+from fastceleba.shardwriter import ShardOptions, write_shards
 from test_shards import files_of, one_error_line, run_cli
 
 QUIET = dict(progress=False, log=lambda line: None)
@@ -214,7 +216,7 @@ def test_write_errors_are_one_line(celeba_root, tmp_path, capsys, monkeypatch, e
     def fail(path, data, sync=True):
         raise OSError(err, os.strerror(err), str(path))
 
-    monkeypatch.setattr(shards_mod, "atomic_write", fail)
+    monkeypatch.setattr(shardwriter, "atomic_write", fail)
     code, text = run_cli(capsys, celeba_root, tmp_path / "out", "--workers", 1)
     assert code == 2 and one_error_line(text) and words in text and str(tmp_path / "out") in text
 
@@ -226,14 +228,14 @@ def test_bomb_and_resize_failures_are_skipped_and_counted(celeba_copy, tmp_path,
     Image.new("RGB", (400, 400), "gray").save(images / "000010.jpg")  # the "bomb"
     Image.new("RGB", (200, 200), "gray").save(images / "000020.jpg")  # the resize fails
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # 178x218 passes, 400x400 is a bomb
-    resize = shards_mod.resize_crop_array
+    resize = shardwriter.resize_crop_array
 
     def fragile(img, size, crop):
         if img.size == (200, 200):
             raise OSError("broken data stream when reading image file")
         return resize(img, size, crop)
 
-    monkeypatch.setattr(shards_mod, "resize_crop_array", fragile)
+    monkeypatch.setattr(shardwriter, "resize_crop_array", fragile)
     code, text = run_cli(capsys, celeba_copy, tmp_path / "stop", "--size", 32, "--workers", 1)
     assert code == 2 and one_error_line(text) and "000010.jpg" in text and "--skip-bad" in text
     code, text = run_cli(capsys, celeba_copy, tmp_path / "skip", "--size", 32, "--workers", 1, "--skip-bad")
@@ -276,7 +278,7 @@ def test_deleted_manifest_advice_gives_a_working_command(celeba_root, tmp_path, 
 SLOW_RUN = """
 import sys, time
 sys.path.insert(0, {root!r})
-import fastceleba.shards as sh
+import fastceleba.shardwriter as sh
 check = sh._check_image
 sh._check_image = lambda path, data: (time.sleep(0.05), check(path, data))
 sh.write_shards({src!r}, {out!r}, sh.ShardOptions(shard_size=20), workers=2, progress=False)

@@ -148,7 +148,7 @@ def odd_shards(tmp_path_factory):
     orientation tag (rotate 90) that every loader must ignore as PIL does."""
     from PIL import Image
 
-    from fastceleba.shards import ShardOptions, write_shards
+    from fastceleba.shardwriter import ShardOptions, write_shards
     from fastceleba.synth import generate
 
     root = tmp_path_factory.mktemp("odd")
@@ -496,7 +496,7 @@ def test_pil_folder_override_and_missing_folder(shards, celeba_root, tmp_path):
 def test_pil_finds_the_folder_beside_moved_shards(celeba_root, tmp_path):
     """Another node (or a moved copy) keeps the shards and the image folder side by side at another
     absolute path: pil finds the folder relative to the shards."""
-    from fastceleba.shards import ShardOptions, write_shards
+    from fastceleba.shardwriter import ShardOptions, write_shards
 
     old = tmp_path / "old"
     shutil.copytree(celeba_root, old / "celeba")

@@ -14,8 +14,8 @@ from conftest import NUM_IMAGES, ROOT
 from fastceleba.celeba import (ATTR_NAMES, LANDMARK_NAMES, PARTITION_FILE, load_celeba,
                                parse_attributes)
 from fastceleba.errors import DataError
-from fastceleba.shards import (MANIFEST, PARTIAL_DIR, RAW_MEMBER, ShardOptions, assign_splits,
-                               cut_shards, load_manifest, shard_paths, split_keys, verify, write_shards)
+from fastceleba.shards import MANIFEST, PARTIAL_DIR, RAW_MEMBER, load_manifest, shard_paths, split_keys, verify
+from fastceleba.shardwriter import ShardOptions, assign_splits, cut_shards, write_shards
 
 spec = importlib.util.spec_from_file_location("shard_cli", ROOT / "tools" / "shard.py")
 shard_cli = importlib.util.module_from_spec(spec)

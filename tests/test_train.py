@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fastceleba.models import load_pretrained
-from fastceleba.shards import ShardOptions, write_shards
+from fastceleba.shardwriter import ShardOptions, write_shards
 from fastceleba.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from fastceleba.cli import byte_size, fractions
 from fastceleba.errors import DataError
-from fastceleba.shards import RAW_MEMBER, ShardOptions, os_error_line, verify, write_shards
+from fastceleba.shards import RAW_MEMBER, verify
+from fastceleba.shardwriter import ShardOptions, os_error_line, write_shards
 
 
 def main(argv=None) -> int:
