@@ -14,6 +14,7 @@ from fastceleba.errors import DataError
 from fastceleba.models import (
     LOGVAR_MAX,
     LOGVAR_MIN,
+    Z_MAX,
     MODELS,
     VAE,
     Autoencoder,
@@ -286,6 +287,24 @@ def test_logvar_clamp_keeps_exp_finite_in_half_precision():
         _, low = model.encode(x)
     assert low.min().item() == LOGVAR_MIN
     assert torch.isfinite(vae_loss(recon, x, mu, low)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_diverged_encoder_stays_finite_under_half_precision_autocast(dtype):
+    """What autocast does: dec_fc takes z in half precision. At logvar 20 (std 22026) a sample with
+    |eps| > 2.97 used to overflow fp16 there, so the reconstruction and the loss became inf/NaN."""
+    torch.manual_seed(0)
+    model = VAE()
+    with torch.no_grad():
+        model.fc_logvar.weight.zero_()
+        model.fc_logvar.bias.fill_(LOGVAR_MAX)
+    x = torch.rand(64, 3, 64, 64)
+    with torch.autocast("cpu", dtype=dtype):
+        recon, mu, logvar = model(x)
+        assert recon.dtype == dtype  # autocast really is on
+        z = model.reparameterize(mu, logvar)
+    assert z.dtype == torch.float32 and z.abs().max() == Z_MAX  # some draws hit the bound
+    assert torch.isfinite(recon).all() and torch.isfinite(vae_loss(recon, x, mu, logvar)[0])
 
 
 def test_logvar_clamp_is_identity_in_range():
