@@ -282,6 +282,17 @@ def test_uint8_transfer_gives_the_same_batches(shards, kind, member):
         assert b["image"].is_contiguous() and b["image"].dtype == torch.float32
 
 
+def test_a_cache_view_shares_the_decoded_split(shards):
+    train = make_loader("cache", shards, "train", 32, member="jpg", shuffle=True, flip=True, drop_last=True,
+                        rank=1, world_size=2, num_workers=1)
+    plain = train.view(batch_size=50)
+    assert plain.images.data_ptr() == train.images.data_ptr()  # no second copy, no second decode
+    fresh = make_loader("cache", shards, "train", 50, member="jpg", rank=1, world_size=2, num_workers=1)
+    for a, b in zip(epoch(plain), epoch(fresh), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(epoch(train)) == len(train) == 3  # the original keeps its own options
+
+
 # ---------------------------------------------------------------------------------------------
 # Ranks (in-process); the real two-process launch is below
 

@@ -25,6 +25,7 @@ train (162,770) 1.86 GiB. For the train split on a node of 8 ranks:
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import warnings
@@ -35,7 +36,7 @@ import torch
 
 from . import shm
 from .base import Loader, u8_to_float
-from .plan import split_batches
+from .plan import batch_counts, split_batches
 from .split import SplitData
 from .turbo import SampleReader, serial_torch_thread
 
@@ -134,6 +135,19 @@ class CacheLoader(Loader):
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             self.images = torch.from_numpy(arrays.pop("images")).to(self.device)
             self.labels = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+
+    def view(self, *, shuffle: bool = False, flip: bool = False, drop_last: bool = False,
+             batch_size: int | None = None) -> "CacheLoader":
+        """Another loader over the same decoded split, with other epoch options: no decoding and no
+        memory of its own. E.g. the in-order, unflipped pass over train for the mean image beside
+        the shuffled, flipped training loader. The original keeps owning the shared copy."""
+        other = copy.copy(self)
+        other.shuffle, other.flip, other.drop_last = shuffle, flip, drop_last
+        other.batch_size = batch_size or self.batch_size
+        other.num_batches, other.per_rank = batch_counts(self.num_samples, other.batch_size, self.world_size,
+                                                         drop_last)
+        other.epoch, other._segment = 0, None
+        return other
 
     def _segment_key(self, chunks: int) -> dict:
         """What the shared copy depends on: the split's manifest entry (every shard's sha256)
