@@ -21,8 +21,6 @@ import importlib.util
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,10 +35,11 @@ if __name__ == "__main__" and not __package__:
 import torch
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from fastceleba import pictures
+from fastceleba.checkpoints import (clear_partial, find_resume, model_desc, register_weight_hooks,
+                                    save_checkpoint)
 from fastceleba.errors import DataError
 from fastceleba.files import atomic_write, write_json
 from fastceleba.loaders import KINDS, make_loader
@@ -50,8 +49,6 @@ from fastceleba.shards import load_manifest
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
 PICTURE_ATTRIBUTES = ("Smiling", "Eyeglasses")
-CHECKPOINT_FORMAT = "fastceleba-checkpoint"
-KEEP_CHECKPOINTS = 2
 
 EPILOG = """\
 mixed precision and devices are Accelerate's: `accelerate launch --mixed_precision bf16 ...` (or
@@ -163,86 +160,6 @@ def _epoch_of(line: str) -> float:
         return json.loads(line)["epoch"]
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def model_desc(name: str, latent_dim: int | None) -> str:
-    return f"--model {name}" + (f" --latent-dim {latent_dim}" if name == "vae" else "")
-
-
-# ------------------------------------------------------------------------------------------------- checkpoints
-def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (epoch, dir), oldest first; half-written ones live in .tmp-* dirs and are ignored."""
-    found = []
-    if ckpt_dir.is_dir():
-        for d in ckpt_dir.iterdir():
-            m = re.fullmatch(r"epoch_(\d+)", d.name)
-            if m and (d / "trainer_state.json").is_file():
-                found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def read_trainer_state(ckpt: Path, args: argparse.Namespace) -> dict:
-    """The checkpoint's own record (plain JSON); DataError if it belongs to another model or latent size."""
-    path = ckpt / "trainer_state.json"
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        assert state.get("format") == CHECKPOINT_FORMAT and isinstance(state.get("epoch"), int)
-    except (OSError, ValueError, AssertionError):
-        raise DataError(f"{path}: not a fastceleba checkpoint record; delete {ckpt} or pick a new --out") from None
-    want = (args.model, args.latent_dim if args.model == "vae" else None)
-    have = (state.get("model"), state.get("latent_dim"))
-    if have != want:
-        raise DataError(f"{ckpt}: checkpoint is for {model_desc(*have)}, not {model_desc(*want)}; "
-                        f"pass the same flags to --resume it, or pick a new --out")
-    return state
-
-
-def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, record: dict) -> Path:
-    """accelerator.save_state into a temp dir, then rename it to epoch_N: a crash leaves the older ones intact."""
-    final = ckpt_dir / f"epoch_{record['epoch']}"
-    tmp = ckpt_dir / f".tmp-epoch_{record['epoch']}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # weights (safetensors), optimizer, RNG state of every rank
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "trainer_state.json", record)  # written last: marks the checkpoint complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def register_weight_hooks(accelerator: Accelerator) -> None:
-    """Store checkpoint weights under plain layer names and load them without pickle.
-
-    Accelerate would save DDP weights as "module.*"; the hooks keep checkpoints independent of the number
-    of processes and give a DataError, not a stack trace, for weights of another shape.
-    """
-    def on_save(models: list, weights: list, output_dir: str) -> None:
-        weights[:] = [accelerator.unwrap_model(m).state_dict() for m in models]
-
-    def on_load(models: list, input_dir: str) -> None:
-        path = Path(input_dir) / "model.safetensors"
-        for model in models:
-            target = accelerator.unwrap_model(model)
-            try:
-                tensors = load_file(str(path))  # safetensors: never unpickles
-            except Exception as e:
-                raise DataError(f"{path}: unreadable ({e}); delete {input_dir} to resume from an older one") from None
-            expected = target.state_dict()
-            if tensors.keys() != expected.keys() or any(tensors[k].shape != v.shape for k, v in expected.items()):
-                raise DataError(f"{path}: weights do not fit this model; resume with the flags that made it "
-                                f"or pick a new --out")
-            target.load_state_dict(tensors)
-        models.clear()  # loaded here; Accelerate must not load them again
-
-    accelerator.register_save_state_pre_hook(on_save)
-    accelerator.register_load_state_pre_hook(on_load)
 
 
 # ------------------------------------------------------------------------------------------------------- loop
@@ -368,12 +285,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                         f"({args.batch_size} x {world} processes); lower --batch-size")
 
     ckpt_dir = out / "checkpoints"
-    found = checkpoints(ckpt_dir)
-    if found and not args.resume:
-        raise DataError(f"{ckpt_dir}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                        f"or pick a new --out")
-    resume = found[-1][1] if args.resume and found else None
-    state = read_trainer_state(resume, args) if resume else None
+    resume, state = find_resume(ckpt_dir, args.resume, args.model, args.latent_dim)
 
     set_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args.model, args.latent_dim)
@@ -414,8 +326,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for partial in ckpt_dir.glob(".tmp-*"):  # saves cut short by a crash
-            shutil.rmtree(partial, ignore_errors=True)
+        clear_partial(ckpt_dir)
         # Keep only the lines of the epochs this run continues from, so metrics.jsonl tells one story.
         old = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []
         kept = [line for line in old if _epoch_of(line) <= start_epoch]
@@ -430,7 +341,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         f"{len(train_loader)} steps per epoch")
 
     baseline = None
-    last_good = found[-1][1] if resume else None
+    last_good = resume
     valid_metrics: dict = {}
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
@@ -452,7 +363,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
             record["valid"] = valid_metrics = evaluate(raw, valid_loader, accelerator, baseline, seed=args.seed)
         if complete:
             last_good = save_checkpoint(accelerator, ckpt_dir, {
-                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": step, "model": args.model,
+                "epoch": epoch + 1, "step": step, "model": args.model,
                 "latent_dim": args.latent_dim if args.model == "vae" else None, "num_processes": world,
                 "batch_size": args.batch_size, "seed": args.seed, "loader": args.loader})
         log(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss {train_loss:.5g}, "
