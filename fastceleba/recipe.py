@@ -23,6 +23,7 @@ from fastceleba.health import relu_layers
 DECAYS = ("constant", "cosine", "linear")
 REDUCTIONS = ("sum", "image")
 INITS = ("torch", "he")
+MAX_WARMUP_FRACTION, MAX_KL_WARMUP_FRACTION = 0.3, 0.6
 
 
 @dataclass(frozen=True)
@@ -37,21 +38,30 @@ class Recipe:
     reduction: str = "sum"        # VAE loss backpropagated as the batch "sum" (notebook) or per "image" mean
     init: str = "torch"           # weights: PyTorch's defaults (notebook) or "he": He-normal, zero biases
 
+    def warmups(self, total_steps: int) -> tuple[int, int]:
+        """(lr warm-up, KL warm-up) in steps for a run of total_steps: the recipe's, but at most
+        MAX_WARMUP_FRACTION and MAX_KL_WARMUP_FRACTION of the run, so a short run still trains at full rate
+        and reaches the full ELBO."""
+        return (min(self.warmup_steps, int(MAX_WARMUP_FRACTION * total_steps)),
+                min(self.kl_warmup_steps, int(MAX_KL_WARMUP_FRACTION * total_steps)))
+
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate for optimizer step `step` (0-based) of a run of `total_steps` steps."""
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+        warmup = self.warmups(total_steps)[0]
+        if warmup and step < warmup:
+            return self.lr * (step + 1) / warmup
         if self.decay == "constant":
             return self.lr
-        span = max(1, total_steps - self.warmup_steps - 1)
-        t = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+        span = max(1, total_steps - warmup - 1)
+        t = min(1.0, max(0.0, (step - warmup) / span))
         shape = 0.5 * (1 + math.cos(math.pi * t)) if self.decay == "cosine" else 1 - t
         return self.lr * (self.final_lr + (1 - self.final_lr) * shape)
 
-    def beta_at(self, step: int) -> float:
-        """KL weight for step `step` (0-based)."""
-        if self.kl_warmup_steps and step < self.kl_warmup_steps:
-            return self.beta * (step + 1) / self.kl_warmup_steps
+    def beta_at(self, step: int, total_steps: int) -> float:
+        """KL weight for step `step` (0-based) of a run of `total_steps` steps."""
+        warmup = self.warmups(total_steps)[1]
+        if warmup and step < warmup:
+            return self.beta * (step + 1) / warmup
         return self.beta
 
     def as_dict(self) -> dict:
@@ -61,7 +71,7 @@ class Recipe:
 NOTEBOOK = Recipe("notebook")
 # Chosen from the seed table in the README (5,000 synthetic faces, 10 epochs, batch 128, 3 seeds).
 DEFAULT = Recipe("default", lr=2e-3, warmup_steps=100, decay="cosine", final_lr=0.05, kl_warmup_steps=200,
-                 reduction="image")
+                 reduction="image", init="he")
 RECIPES = {"default": DEFAULT, "notebook": NOTEBOOK}
 
 

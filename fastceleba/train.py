@@ -241,7 +241,7 @@ def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: t
             x = batch["image"]
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr_at(step, total_steps)
-            beta = torch.tensor(recipe.beta_at(step), device=x.device)
+            beta = torch.tensor(recipe.beta_at(step, total_steps), device=x.device)
             loss, shown = loss_fn(x, beta)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -415,7 +415,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                                                                    total_steps, last_good)
         complete = steps == len(train_loader)  # False when --max-steps cut the epoch
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                                  "lr": recipe.lr_at(step - 1, total_steps), "beta": recipe.beta_at(step - 1),
+                                  "lr": recipe.lr_at(step - 1, total_steps), "beta": recipe.beta_at(step - 1, total_steps),
                                   "images_per_s": images / seconds, "seconds": seconds}
         if not complete:
             record["partial"] = True

@@ -113,12 +113,14 @@ def test_problems_of_a_healthy_model_are_empty():
 
 def test_recipe_schedules():
     assert [NOTEBOOK.lr_at(s, 100) for s in (0, 50, 99)] == [1e-3] * 3
-    assert NOTEBOOK.beta_at(0) == 1.0 and NOTEBOOK.reduction == "sum"
+    assert NOTEBOOK.beta_at(0, 100) == 1.0 and NOTEBOOK.reduction == "sum" and NOTEBOOK.init == "torch"
     r = Recipe("t", lr=1.0, warmup_steps=10, decay="cosine", final_lr=0.1, kl_warmup_steps=20)
     assert r.lr_at(0, 110) == pytest.approx(0.1) and r.lr_at(9, 110) == pytest.approx(1.0)
     assert r.lr_at(10, 110) == pytest.approx(1.0) and r.lr_at(109, 110) == pytest.approx(0.1)
     assert r.lr_at(60, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
-    assert r.beta_at(0) == pytest.approx(0.05) and r.beta_at(19) == 1.0 and r.beta_at(500) == 1.0
+    assert r.beta_at(0, 110) == pytest.approx(0.05) and r.beta_at(19, 110) == 1.0 and r.beta_at(500, 110) == 1.0
+    assert r.warmups(20) == (6, 12) and r.lr_at(5, 20) == pytest.approx(1.0)  # short runs: capped warm-ups
+    assert r.beta_at(11, 20) == 1.0
     lin = resolve("default", decay="linear", final_lr=0.0, warmup_steps=0)
     assert lin.lr_at(0, 11) == pytest.approx(DEFAULT.lr) and lin.lr_at(10, 11) == pytest.approx(0.0)
     assert resolve("notebook", lr=None).lr == 1e-3  # None leaves the recipe's value
