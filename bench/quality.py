@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
     p.add_argument("--loader", default="cache", help="train.py --loader (default %(default)s)")
     p.add_argument("--pictures", action="store_true", help="let train.py write its PNGs (off by default)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables from the runs already finished in --out")
     args = p.parse_args(argv)
 
     def listing(flag: str, text: str, allowed=None, cast=str) -> list:
@@ -105,6 +107,8 @@ def run_one(args: argparse.Namespace, data: Path, model: str, recipe: str, seed:
     if summary_path.is_file() and (run / "bench_seconds.txt").is_file():
         print(f"[quality] {run}: done already", flush=True)
         seconds = float((run / "bench_seconds.txt").read_text())
+    elif args.report_only:
+        return {**row, "status": "not run"}
     else:
         cmd = [sys.executable, str(TRAIN), "--model", model, "--recipe", recipe, "--seed", str(seed),
                "--data", str(data), "--out", str(run), "--epochs", str(args.epochs), "--batch-size",
@@ -138,6 +142,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (model, recipe), group in groups.items():
         ok = [r for r in group if r["status"] == "ok"]
+        group = [r for r in group if r["status"] != "not run"]
+        if not group:
+            continue
         entry = {"model": model, "recipe": recipe, "seeds": len(group), "ok": len(ok),
                  "collapsed": sum(r["collapsed"] for r in ok)}
         for key in NUMBERS:
@@ -158,6 +165,8 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
     lines = ["| model | recipe | seed | test PSNR | mean-image PSNR | KL/image | active latents | dead % per ReLU layer "
              "| collapsed | wall s |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
+        if r["status"] == "not run":
+            continue
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['status']} | | | | | | |")
             continue
