@@ -68,10 +68,11 @@ class Step:
             autocast = torch.autocast(device.type, dtype=torch.bfloat16)
             self.model.forward = convert_outputs_to_fp32(autocast(self.model.forward))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.loss_fn = make_loss_fn(self.model, model, 1.0, compile=compiled)
+        self.loss_fn = make_loss_fn(self.model, model, "image", compile=compiled)
+        self.beta = torch.tensor(1.0, device=device)
 
     def __call__(self, x: torch.Tensor) -> None:
-        loss, _ = self.loss_fn(x)
+        loss, _ = self.loss_fn(x, self.beta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -14,6 +14,10 @@ Every number is computed over all pixels of all evaluated images (pixel values i
   reconstruction decoded from one sample z ~ q(z|x), plus kld, per image: the notebook's training loss
   (beta = 1), a one-sample estimate of -ELBO. ``mse``/``psnr``/``r2`` use the deterministic reconstruction
   decode(mu), the same one the pictures show.
+- ``psnr_gain``: psnr - baseline_psnr, dB the model is worth over the mean image.
+- Health (see fastceleba.health): ``dead_fraction`` {ReLU layer: fraction of units never positive on
+  the split}, ``dead_channel_fraction`` {layer: fraction of channels all of whose units are dead};
+  VAE only: ``active_units`` of ``latent_dim`` (Var over the split of mu above 0.01).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from fastceleba.errors import DataError
+from fastceleba.health import DeadUnitProbe, active_units, dead_channel_fractions, dead_fractions
 from fastceleba.models import VAE
 
 
@@ -67,17 +72,22 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Any, b
     # n, SS_res, SS_res of the baseline, sum of x^2, SS_res of the sampled decode, KLD
     sums = torch.zeros(6, dtype=torch.float64, device=device)
     sum_x: torch.Tensor | None = None
+    mu_sums = torch.zeros(2, model.latent_dim if is_vae else 0, dtype=torch.float64, device=device)
+    probe = DeadUnitProbe(model)
     for batch in loader:
         x, w = batch["image"], batch["valid"].double()
+        probe.valid = batch["valid"]
         with accelerator.autocast():
             if is_vae:
-                mu, logvar = model.encode(x)
-                recon = model.decode(mu)
+                with probe:
+                    mu, logvar = model.encode(x)
+                    recon = model.decode(mu)
                 mu, logvar = mu.float(), logvar.float()
                 eps = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
                 sampled = model.decode(mu + eps * torch.exp(0.5 * logvar))
             else:
-                recon = model(x)
+                with probe:
+                    recon = model(x)
         x64 = x.double()
         per_image = [
             w,
@@ -88,6 +98,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Any, b
         if is_vae:
             kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
             per_image += [(sampled.float() - x).pow(2).flatten(1).sum(1).double() * w, kld.double() * w]
+            mu64 = mu.double() * w.view(-1, 1)
+            mu_sums += torch.stack([mu64.sum(0), (mu64 * mu.double()).sum(0)])
         sums[: len(per_image)] += torch.stack([t.sum() for t in per_image])
         part = (x64 * w.view(-1, 1, 1, 1)).sum(0)
         sum_x = part if sum_x is None else sum_x + part
@@ -95,7 +107,15 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Any, b
     if sum_x is None:  # an empty split: no batches on any rank
         return {"num_samples": 0}
     sums, sum_x = _reduce(accelerator, sums), _reduce(accelerator, sum_x)
-    return summarize(sums, sum_x, is_vae)
+    out = summarize(sums, sum_x, is_vae)
+    alive = {name: _reduce(accelerator, a) for name, a in probe.alive_counts().items()}
+    out["dead_fraction"] = dead_fractions(alive)
+    out["dead_channel_fraction"] = dead_channel_fractions(alive)
+    if is_vae:
+        mu_sums = _reduce(accelerator, mu_sums)
+        out["active_units"] = active_units(mu_sums[0], mu_sums[1], out["num_samples"])[0]
+        out["latent_dim"] = model.latent_dim
+    return out
 
 
 def _psnr(mse: float) -> float:
@@ -113,6 +133,7 @@ def summarize(sums: torch.Tensor, sum_x: torch.Tensor, is_vae: bool) -> dict[str
         out[f"{prefix}mse"] = mse
         out[f"{prefix}psnr"] = _psnr(mse)
         out[f"{prefix}r2"] = 1.0 - ss / ss_tot if ss_tot > 0 else float("nan")
+    out["psnr_gain"] = out["psnr"] - out["baseline_psnr"]
     if is_vae:
         out["kld"] = kld / n
         out["neg_elbo"] = (ss_sampled + kld) / n

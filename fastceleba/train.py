@@ -8,8 +8,13 @@ Accelerate:
     accelerate launch --mixed_precision bf16 fastceleba/train.py --data shards    # bf16 autocast
     accelerate launch --multi_gpu --num_processes 4 fastceleba/train.py --data shards
 
-It writes into --out: metrics.jsonl (one JSON line per epoch: train loss, images/s, valid metrics),
-summary.json (final test metrics beside the mean-image baseline), model.safetensors + config.json
+The default recipe (--recipe default) trains the notebook's layers with a learning-rate warm-up and
+cosine decay, KL annealing and a per-image loss; --recipe notebook is the seed's exact schedule (Adam
+1e-3 constant, beta 1, the VAE's loss summed over the batch). See fastceleba/recipe.py.
+
+It writes into --out: metrics.jsonl (one JSON line per epoch: train loss, lr, beta, images/s, valid
+metrics and model health), summary.json (final test metrics beside the mean-image baseline, and the
+health verdict), model.safetensors + config.json
 (fastceleba.models.load_pretrained reads them), reconstructions.png (+ samples.png, interpolation.png,
 attributes.png for the VAE) and checkpoints/epoch_N (the last two; --resume continues from the newest).
 """
@@ -21,8 +26,6 @@ import importlib.util
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,21 +40,21 @@ if __name__ == "__main__" and not __package__:
 import torch
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from fastceleba import pictures
+from fastceleba import health, pictures
+from fastceleba.checkpoints import (clear_partial, find_resume, model_desc, register_weight_hooks,
+                                    save_checkpoint)
 from fastceleba.errors import DataError
 from fastceleba.files import atomic_write, write_json
 from fastceleba.loaders import KINDS, make_loader
 from fastceleba.metrics import evaluate, mean_image
 from fastceleba.models import VAE, ae_loss, build_model, save_pretrained, vae_loss
+from fastceleba.recipe import DECAYS, INITS, RECIPES, REDUCTIONS, Recipe, initialize, resolve
 from fastceleba.shards import load_manifest
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
 PICTURE_ATTRIBUTES = ("Smiling", "Eyeglasses")
-CHECKPOINT_FORMAT = "fastceleba-checkpoint"
-KEEP_CHECKPOINTS = 2
 
 EPILOG = """\
 mixed precision and devices are Accelerate's: `accelerate launch --mixed_precision bf16 ...` (or
@@ -60,7 +63,9 @@ On a CPU, plain `python` uses all cores; `accelerate launch` sets OMP_NUM_THREAD
 `--cpu` or `--num_cpu_threads_per_process N`.
 
 exit status: 0 done; 2 bad input or usage (missing shards, a checkpoint of another model, bad flags);
-3 the loss became NaN/inf (training diverged; lower --lr; the last good checkpoint is kept). Under
+3 the loss became NaN/inf (training diverged; lower --lr; the last good checkpoint is kept).
+A run whose model collapsed (see fastceleba/health.py) still exits 0 but prints one "warning:" line and
+records it in summary.json ("health"). Under
 `accelerate launch` with several processes each process exits so and the launcher itself exits 1.
 """
 
@@ -88,11 +93,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5, help="passes over the training split (notebook: 5)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per step on each process (notebook: 128)")
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="Adam learning rate (notebook: 1e-3); on --resume it replaces the checkpoint's")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                   help="training schedule: 'default' (lr warm-up + cosine decay, KL annealing, per-image loss; "
+                        "keeps the VAE's units alive) or 'notebook' (the seed's exact one: Adam 1e-3 constant, "
+                        "beta 1, summed loss). The flags below override single fields of it")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak Adam learning rate (default: the recipe's; default 2e-3, notebook 1e-3)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of linear learning-rate warm-up (default: the recipe's; default 100, notebook 0)")
+    p.add_argument("--decay", choices=DECAYS, default=None,
+                   help="learning rate after warm-up (default: the recipe's; default cosine, notebook constant)")
+    p.add_argument("--final-lr", type=float, default=None,
+                   help="with cosine/linear decay: the last step's lr as a fraction of the peak (default 0.05)")
+    p.add_argument("--init", choices=INITS, default=None,
+                   help="initial weights: PyTorch's defaults ('torch', notebook) or He-normal with zero biases "
+                        "('he') (default: the recipe's)")
     p.add_argument("--latent-dim", type=int, default=80, help="VAE latent size (notebook: 80); the AE has none")
-    p.add_argument("--beta", type=float, default=1.0,
-                   help="weight of the VAE's KL term (notebook: 1, the plain ELBO; other values: beta-VAE)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="weight of the VAE's KL term once annealed (default 1, the plain ELBO; other values: "
+                        "beta-VAE)")
+    p.add_argument("--kl-warmup-steps", type=int, default=None,
+                   help="steps over which the KL weight rises linearly from 0 to --beta (default: the recipe's; "
+                        "default 200, notebook 0)")
+    p.add_argument("--loss-reduction", choices=REDUCTIONS, default=None,
+                   help="VAE loss backpropagated as the batch 'sum' (notebook) or its mean per 'image' (default: "
+                        "same optimum, but gradients fp16 can hold); the AE always uses the notebook's MSE")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and the VAE's noise")
     p.add_argument("--compile", action="store_true",
                    help="run model and loss through torch.compile as one graph (the first steps compile)")
@@ -115,16 +140,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the final test evaluation (for model selection, e.g. tools/sweep.py)")
     p.add_argument("--no-pictures", action="store_true", help="write no PNG pictures")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "latent_dim", "log_every", "workers", "eval_every", "attr_images"):
-        minimum = 0 if name in ("workers", "eval_every", "attr_images") else 1
+    for name in ("epochs", "batch_size", "latent_dim", "log_every", "workers", "eval_every", "attr_images",
+                 "warmup_steps", "kl_warmup_steps"):
+        if getattr(args, name) is None:
+            continue
+        minimum = 0 if name in ("workers", "eval_every", "attr_images", "warmup_steps", "kl_warmup_steps") else 1
         if getattr(args, name) < minimum:
             p.error(f"--{name.replace('_', '-')} must be >= {minimum}")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be >= 1")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         p.error("--lr must be a positive number")
+    if args.beta is not None and not (args.beta >= 0 and math.isfinite(args.beta)):
+        p.error("--beta must be a number >= 0")
+    if args.final_lr is not None and not 0 <= args.final_lr <= 1:
+        p.error("--final-lr must be between 0 and 1")
     args.out = args.out or os.path.join("runs", args.model)
     return args
+
+
+def recipe_of(args: argparse.Namespace) -> Recipe:
+    """The --recipe with the single-field flags applied."""
+    return resolve(args.recipe, lr=args.lr, warmup_steps=args.warmup_steps, decay=args.decay,
+                   final_lr=args.final_lr, beta=args.beta, kl_warmup_steps=args.kl_warmup_steps,
+                   reduction=args.loss_reduction, init=args.init)
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
@@ -132,27 +171,31 @@ def split_size(manifest: dict, split: str) -> int:
     return int(manifest.get("splits", {}).get(split, {}).get("num_samples", 0))
 
 
-def compute_loss(model: torch.nn.Module, x: torch.Tensor, kind: str, beta: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_loss(model: torch.nn.Module, x: torch.Tensor, kind: str, beta: torch.Tensor | float,
+                 reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, loss to report): the notebook's objectives.
 
-    AE: mean squared error (nn.MSELoss). VAE: squared error + beta * KLD summed over the batch, as the
-    notebook; reported per image (the notebook printed loss / len(img)).
+    AE: mean squared error (nn.MSELoss). VAE: squared error + beta * KLD per image, backpropagated as
+    the batch sum (reduction "sum", the notebook) or the batch mean (reduction "image": the same objective
+    divided by the batch size, so gradients stay ~128x smaller and fit fp16); reported per image either
+    way (the notebook printed loss / len(img)).
     """
     if kind == "ae":
         loss = ae_loss(model(x), x)
         return loss, loss
     recon, mu, logvar = model(x)
-    loss = vae_loss(recon, x, mu, logvar, beta)[0]
-    return loss, loss / x.shape[0]
+    total = vae_loss(recon, x, mu, logvar, beta)[0]
+    per_image = total / x.shape[0]
+    return (per_image if reduction == "image" else total), per_image
 
 
-def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, compile: bool = False):
-    """x -> compute_loss(model, x, kind, beta); with compile=True, model and loss go through torch.compile as
-    one graph, so the loss and its backward fuse with the decoder (on 2 CPU cores: 1.2-1.5x eager, against
-    1.1-1.3x when compiling the model alone)."""
-    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return compute_loss(model, x, kind, beta)
+def make_loss_fn(model: torch.nn.Module, kind: str, reduction: str = "sum", compile: bool = False):
+    """(x, beta) -> compute_loss(model, x, kind, beta, reduction), beta a 0-d tensor (so a changing KL weight
+    never recompiles); with compile=True, model and loss go through torch.compile as one graph, so the loss
+    and its backward fuse with the decoder (on 2 CPU cores: 1.2-1.5x eager, against 1.1-1.3x when compiling
+    the model alone)."""
+    def loss_fn(x: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return compute_loss(model, x, kind, beta, reduction)
 
     return torch.compile(loss_fn) if compile else loss_fn
 
@@ -165,88 +208,8 @@ def _epoch_of(line: str) -> float:
         return math.inf
 
 
-def model_desc(name: str, latent_dim: int | None) -> str:
-    return f"--model {name}" + (f" --latent-dim {latent_dim}" if name == "vae" else "")
-
-
-# ------------------------------------------------------------------------------------------------- checkpoints
-def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (epoch, dir), oldest first; half-written ones live in .tmp-* dirs and are ignored."""
-    found = []
-    if ckpt_dir.is_dir():
-        for d in ckpt_dir.iterdir():
-            m = re.fullmatch(r"epoch_(\d+)", d.name)
-            if m and (d / "trainer_state.json").is_file():
-                found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def read_trainer_state(ckpt: Path, args: argparse.Namespace) -> dict:
-    """The checkpoint's own record (plain JSON); DataError if it belongs to another model or latent size."""
-    path = ckpt / "trainer_state.json"
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        assert state.get("format") == CHECKPOINT_FORMAT and isinstance(state.get("epoch"), int)
-    except (OSError, ValueError, AssertionError):
-        raise DataError(f"{path}: not a fastceleba checkpoint record; delete {ckpt} or pick a new --out") from None
-    want = (args.model, args.latent_dim if args.model == "vae" else None)
-    have = (state.get("model"), state.get("latent_dim"))
-    if have != want:
-        raise DataError(f"{ckpt}: checkpoint is for {model_desc(*have)}, not {model_desc(*want)}; "
-                        f"pass the same flags to --resume it, or pick a new --out")
-    return state
-
-
-def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, record: dict) -> Path:
-    """accelerator.save_state into a temp dir, then rename it to epoch_N: a crash leaves the older ones intact."""
-    final = ckpt_dir / f"epoch_{record['epoch']}"
-    tmp = ckpt_dir / f".tmp-epoch_{record['epoch']}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # weights (safetensors), optimizer, RNG state of every rank
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "trainer_state.json", record)  # written last: marks the checkpoint complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def register_weight_hooks(accelerator: Accelerator) -> None:
-    """Store checkpoint weights under plain layer names and load them without pickle.
-
-    Accelerate would save DDP weights as "module.*"; the hooks keep checkpoints independent of the number
-    of processes and give a DataError, not a stack trace, for weights of another shape.
-    """
-    def on_save(models: list, weights: list, output_dir: str) -> None:
-        weights[:] = [accelerator.unwrap_model(m).state_dict() for m in models]
-
-    def on_load(models: list, input_dir: str) -> None:
-        path = Path(input_dir) / "model.safetensors"
-        for model in models:
-            target = accelerator.unwrap_model(model)
-            try:
-                tensors = load_file(str(path))  # safetensors: never unpickles
-            except Exception as e:
-                raise DataError(f"{path}: unreadable ({e}); delete {input_dir} to resume from an older one") from None
-            expected = target.state_dict()
-            if tensors.keys() != expected.keys() or any(tensors[k].shape != v.shape for k, v in expected.items()):
-                raise DataError(f"{path}: weights do not fit this model; resume with the flags that made it "
-                                f"or pick a new --out")
-            target.load_state_dict(tensors)
-        models.clear()  # loaded here; Accelerate must not load them again
-
-    accelerator.register_save_state_pre_hook(on_save)
-    accelerator.register_load_state_pre_hook(on_load)
-
-
 # ------------------------------------------------------------------------------------------------------- loop
-def check_finite(accelerator: Accelerator, bad_steps: torch.Tensor, step: int, args: argparse.Namespace,
+def check_finite(accelerator: Accelerator, bad_steps: torch.Tensor, step: int, recipe: Recipe,
                  last_good: Path | None) -> None:
     """Raise Diverged (on every rank alike) once any rank has seen a NaN/inf loss."""
     bad = bad_steps.clone()
@@ -255,13 +218,16 @@ def check_finite(accelerator: Accelerator, bad_steps: torch.Tensor, step: int, a
     if bad.item() > 0:
         kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
         raise Diverged(f"the loss became NaN/inf by step {step}: training diverged; lower --lr "
-                       f"(it is {args.lr:g}); {kept}")
+                       f"(its peak is {recipe.lr:g}); {kept}")
 
 
 def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, loss_fn: Any,
-                    optimizer: torch.optim.Optimizer, loader: Any, epoch: int, step: int,
-                    last_good: Path | None) -> tuple[int, int, float, int, float]:
-    """One pass over the training loader; returns (step, steps, mean shown loss over ranks, images, seconds)."""
+                    optimizer: torch.optim.Optimizer, loader: Any, epoch: int, step: int, recipe: Recipe,
+                    total_steps: int, last_good: Path | None) -> tuple[int, int, float, int, float]:
+    """One pass over the training loader; returns (step, steps, mean shown loss over ranks, images, seconds).
+
+    Before each step the recipe sets the learning rate and the KL weight for that global step.
+    """
     model.train()
     device = accelerator.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -273,7 +239,10 @@ def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: t
               dynamic_ncols=True, disable=not accelerator.is_main_process) as bar:
         for batch in loader:
             x = batch["image"]
-            loss, shown = loss_fn(x)
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr_at(step, total_steps)
+            beta = torch.tensor(recipe.beta_at(step, total_steps), device=x.device)
+            loss, shown = loss_fn(x, beta)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -284,12 +253,12 @@ def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: t
             images += x.shape[0] * accelerator.num_processes
             done = args.max_steps is not None and step >= args.max_steps
             if steps % args.log_every == 0 or steps == len(loader) or done:
-                check_finite(accelerator, bad_steps, step, args, last_good)
+                check_finite(accelerator, bad_steps, step, recipe, last_good)
                 bar.set_postfix(loss=f"{shown.item():.4g}", img_s=f"{images / (time.perf_counter() - start):.0f}")
             bar.update()
             if done:
                 break
-    check_finite(accelerator, bad_steps, step, args, last_good)
+    check_finite(accelerator, bad_steps, step, recipe, last_good)
     seconds = time.perf_counter() - start
     totals = torch.stack([loss_sum, torch.tensor(float(steps), dtype=torch.float64, device=device)])
     if accelerator.num_processes > 1:
@@ -303,7 +272,13 @@ def format_metrics(m: dict) -> str:
     text = f"mse {m['mse']:.5f} psnr {m['psnr']:.2f} dB r2 {m['r2']:.3f}"
     if "neg_elbo" in m:
         text += f" -elbo {m['neg_elbo']:.1f} kld {m['kld']:.1f}"
-    return text + f" (mean-image baseline: mse {m['baseline_mse']:.5f} psnr {m['baseline_psnr']:.2f} dB)"
+    text += f" (mean-image baseline: mse {m['baseline_mse']:.5f} psnr {m['baseline_psnr']:.2f} dB)"
+    if "active_units" in m:
+        text += f"; active latents {m['active_units']}/{m['latent_dim']}"
+    if m.get("dead_fraction"):
+        layer, frac = max(m["dead_fraction"].items(), key=lambda kv: kv[1])
+        text += f"; dead units ≤ {frac:.0%} ({layer})"
+    return text
 
 
 def make_pictures(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, test_loader: Any,
@@ -368,19 +343,15 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                         f"({args.batch_size} x {world} processes); lower --batch-size")
 
     ckpt_dir = out / "checkpoints"
-    found = checkpoints(ckpt_dir)
-    if found and not args.resume:
-        raise DataError(f"{ckpt_dir}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                        f"or pick a new --out")
-    resume = found[-1][1] if args.resume and found else None
-    state = read_trainer_state(resume, args) if resume else None
+    resume, state = find_resume(ckpt_dir, args.resume, args.model, args.latent_dim)
 
+    recipe = recipe_of(args)
     set_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args.model, args.latent_dim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model = initialize(build_model(args.model, args.latent_dim), recipe.init)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)  # the recipe sets lr before every step
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders are sharded already: never prepared
     raw = accelerator.unwrap_model(model)
-    loss_fn = make_loss_fn(model, args.model, args.beta, args.compile)
+    loss_fn = make_loss_fn(model, args.model, recipe.reduction, args.compile)
     register_weight_hooks(accelerator)
 
     def loader(split: str, **kw: Any) -> Any:
@@ -400,9 +371,10 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     start_epoch, step = 0, 0
     if state is not None:
         accelerator.load_state(str(resume))  # weights via our hook; optimizer and RNG with weights_only=True
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
         start_epoch, step = state["epoch"], state["step"]
+        if state.get("recipe", recipe.as_dict()) != recipe.as_dict():
+            log(f"note: the recipe differs from the checkpoint's ({state.get('recipe')}); its schedules "
+                f"continue from step {step} with the new one")
         if (state.get("num_processes"), state.get("batch_size"), state.get("seed")) != (world, args.batch_size,
                                                                                         args.seed):
             log("note: processes, batch size or seed differ from the checkpoint's; the data order will not "
@@ -414,8 +386,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for partial in ckpt_dir.glob(".tmp-*"):  # saves cut short by a crash
-            shutil.rmtree(partial, ignore_errors=True)
+        clear_partial(ckpt_dir)
         # Keep only the lines of the epochs this run continues from, so metrics.jsonl tells one story.
         old = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []
         kept = [line for line in old if _epoch_of(line) <= start_epoch]
@@ -427,10 +398,11 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     log(f"training {model_desc(args.model, args.latent_dim)} on {world} x {accelerator.device} "
         f"({accelerator.distributed_type}, mixed precision {precision}), loader {args.loader}, "
         f"{sizes['train']}/{sizes['valid']}/{sizes['test']} train/valid/test images, "
-        f"{len(train_loader)} steps per epoch")
+        f"{len(train_loader)} steps per epoch, recipe {recipe.name} {recipe.as_dict()}")
+    total_steps = args.epochs * len(train_loader)  # not --max-steps: a cut run must follow the same schedule
 
     baseline = None
-    last_good = found[-1][1] if resume else None
+    last_good = resume
     valid_metrics: dict = {}
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
@@ -439,9 +411,11 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         set_seed(args.seed + 1000 * (epoch + 1), device_specific=True)
         train_loader.set_epoch(epoch)
         step, steps, train_loss, images, seconds = train_one_epoch(args, accelerator, model, loss_fn, optimizer,
-                                                                   train_loader, epoch, step, last_good)
+                                                                   train_loader, epoch, step, recipe,
+                                                                   total_steps, last_good)
         complete = steps == len(train_loader)  # False when --max-steps cut the epoch
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+                                  "lr": recipe.lr_at(step - 1, total_steps), "beta": recipe.beta_at(step - 1, total_steps),
                                   "images_per_s": images / seconds, "seconds": seconds}
         if not complete:
             record["partial"] = True
@@ -450,11 +424,13 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
             if baseline is None:
                 baseline = mean_image(plain_train, accelerator)
             record["valid"] = valid_metrics = evaluate(raw, valid_loader, accelerator, baseline, seed=args.seed)
+            record["problems"] = health.problems(valid_metrics)
         if complete:
             last_good = save_checkpoint(accelerator, ckpt_dir, {
-                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": step, "model": args.model,
+                "epoch": epoch + 1, "step": step, "model": args.model,
                 "latent_dim": args.latent_dim if args.model == "vae" else None, "num_processes": world,
-                "batch_size": args.batch_size, "seed": args.seed, "loader": args.loader})
+                "batch_size": args.batch_size, "seed": args.seed, "loader": args.loader,
+                "recipe": recipe.as_dict()})
         log(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss {train_loss:.5g}, "
             f"{record['images_per_s']:.0f} img/s" + (f"; valid {format_metrics(record['valid'])}"
                                                      if "valid" in record else ""))
@@ -463,7 +439,8 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                 f.write(json.dumps(record) + "\n")
         if log_trackers:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            flat.update({f"valid/{k}": v for k, v in record.get("valid", {}).items()})
+            for k, v in record.get("valid", {}).items():
+                flat.update({f"valid/{k}/{n}": x for n, x in v.items()} if isinstance(v, dict) else {f"valid/{k}": v})
             accelerator.log(flat, step=step)
 
     if valid_loader and args.eval_every and not valid_metrics:  # e.g. --resume of a finished run
@@ -471,12 +448,20 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         valid_metrics = evaluate(raw, valid_loader, accelerator, baseline, seed=args.seed)
     summary: dict[str, Any] = {"model": args.model, "latent_dim": args.latent_dim if args.model == "vae" else None,
                                "steps": step, "num_processes": world, "device": str(accelerator.device),
-                               "mixed_precision": precision, "args": vars(args), "valid": valid_metrics}
+                               "mixed_precision": precision, "args": vars(args), "recipe": recipe.as_dict(),
+                               "valid": valid_metrics}
     if test_loader and not args.no_test:
         if baseline is None:
             baseline = mean_image(plain_train, accelerator)
         summary["test"] = evaluate(raw, test_loader, accelerator, baseline, seed=args.seed)
         log(f"test: {format_metrics(summary['test'])}")
+    # The verdict: judged on test when it was evaluated, else on valid.
+    judged = "test" if summary.get("test", {}).get("num_samples") else "valid"
+    found = health.problems(summary.get(judged, {}))
+    summary["health"] = {"split": judged, "collapsed": bool(found), "problems": found,
+                         "warning": health.warning_line(found, judged, recipe.name) if found else None}
+    if found:
+        log(summary["health"]["warning"])
     if not args.no_pictures and test_loader:
         summary["pictures"] = make_pictures(args, accelerator, raw, test_loader, plain_train,
                                             manifest.get("attr_names", []), out)

@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Quality of a training recipe: AE and VAE x recipe x seed, trained for N epochs, scored on test.
+
+    python bench/quality.py                                   # synthetic 5,000 faces, both recipes, 3 seeds
+    python bench/quality.py --seeds 0,1,2,3,4 --epochs 10     # the README's table
+    python bench/quality.py --data shards/ --epochs 20 --models vae --recipes default
+    python bench/quality.py --out runs/quality-w50 -- --warmup-steps 50     # args after -- go to train.py
+
+Every run is fastceleba/train.py in its own process (OUT/<model>-<recipe>-seed<S>, with --resume, so an
+interrupted benchmark continues where it stopped; a finished run is not trained again) with the cache
+loader, batch 128, no flips, on one process. With no --data it makes a synthetic CelebA of --synthetic
+images once under --cache-dir (tools/make_synthetic.py, then tools/shard.py --size 64).
+
+For every run it reads summary.json: test PSNR and the mean-image PSNR, the VAE's KL per image and active
+latents, the dead-unit fraction of every ReLU layer, the health verdict, and the wall time of the process.
+Writes OUT/quality.json (every run, and per model x recipe the mean, min, max and spread of each number)
+and OUT/quality.md (the same as Markdown tables), and prints the tables.
+Exit status: 0 done; 2 bad input or a run that failed; a run that diverged (train.py exit 3) is listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastceleba.errors import DataError  # noqa: E402
+from fastceleba.files import atomic_write, write_json  # noqa: E402
+from fastceleba.recipe import RECIPES  # noqa: E402
+from fastceleba.shards import load_manifest  # noqa: E402
+
+TRAIN = ROOT / "fastceleba" / "train.py"
+EXIT_DIVERGED = 3
+NUMBERS = ("psnr", "baseline_psnr", "psnr_gain", "kld", "active_units", "seconds")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None,
+                   help="shard directory (tools/shard.py output); default: a synthetic set made once")
+    p.add_argument("--synthetic", type=int, default=5000, help="images of the synthetic set (default %(default)s)")
+    p.add_argument("--cache-dir", default="data/quality", help="where the synthetic set is kept (default %(default)s)")
+    p.add_argument("--out", default="runs/quality", help="benchmark directory (default %(default)s)")
+    p.add_argument("--models", default="ae,vae", help="comma-separated: ae, vae (default %(default)s)")
+    p.add_argument("--recipes", default="default,notebook",
+                   help=f"comma-separated recipes of train.py --recipe ({', '.join(RECIPES)}; default %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per run (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
+    p.add_argument("--loader", default="cache", help="train.py --loader (default %(default)s)")
+    p.add_argument("--pictures", action="store_true", help="let train.py write its PNGs (off by default)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables from the runs already finished in --out")
+    args = p.parse_args(argv)
+
+    def listing(flag: str, text: str, allowed=None, cast=str) -> list:
+        try:
+            items = [cast(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError:
+            p.error(f"--{flag}: not a comma-separated list: {text!r}")
+        bad = [i for i in items if allowed is not None and i not in allowed]
+        if not items or bad:
+            p.error(f"--{flag}: expected a comma-separated list of {', '.join(allowed) if allowed else 'values'}, "
+                    f"got {text!r}")
+        return items
+
+    args.models = listing("models", args.models, ("ae", "vae"))
+    args.recipes = listing("recipes", args.recipes, tuple(RECIPES))
+    args.seeds = listing("seeds", args.seeds, cast=int)
+    if args.epochs < 1 or args.batch_size < 1 or args.synthetic < 10:
+        p.error("--epochs and --batch-size must be >= 1, --synthetic >= 10")
+    for flag in ("--model", "--recipe", "--seed", "--data", "--out", "--epochs", "--batch-size", "--loader"):
+        if flag in extra:
+            p.error(f"{flag} is set by the benchmark; leave it out of the arguments after --")
+    return args, extra
+
+
+def synthetic_shards(cache_dir: Path, num: int) -> Path:
+    """A synthetic CelebA and its 64x64 shards under cache_dir, made once with the command-line tools."""
+    src, shards = cache_dir / f"celeba-{num}", cache_dir / f"shards64-{num}"
+    if not (src / "list_eval_partition.txt").is_file():
+        print(f"[quality] generating {num} synthetic faces in {src} (once)", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(src), "--num", str(num),
+                        "--overwrite"], check=True)
+    if not (shards / "manifest.json").is_file():
+        print(f"[quality] sharding into {shards} (once)", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "tools" / "shard.py"), str(src), str(shards), "--size", "64",
+                        "--shard-size", "1000"], check=True)
+    return shards
+
+
+def run_one(args: argparse.Namespace, data: Path, model: str, recipe: str, seed: int, extra: list[str]) -> dict:
+    run = Path(args.out) / f"{model}-{recipe}-seed{seed}"
+    row = {"model": model, "recipe": recipe, "seed": seed, "run": str(run)}
+    summary_path = run / "summary.json"
+    if summary_path.is_file() and (run / "bench_seconds.txt").is_file():
+        print(f"[quality] {run}: done already", flush=True)
+        seconds = float((run / "bench_seconds.txt").read_text())
+    elif args.report_only:
+        return {**row, "status": "not run"}
+    else:
+        cmd = [sys.executable, str(TRAIN), "--model", model, "--recipe", recipe, "--seed", str(seed),
+               "--data", str(data), "--out", str(run), "--epochs", str(args.epochs), "--batch-size",
+               str(args.batch_size), "--loader", args.loader, "--resume", *([] if args.pictures else ["--no-pictures"]),
+               *extra]
+        print(f"[quality] {shlex.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        seconds = time.perf_counter() - start
+        if code == EXIT_DIVERGED:
+            return {**row, "status": "diverged"}
+        if code != 0:
+            raise DataError(f"{run}: train.py exited with status {code} (its message is above); fix it and re-run, "
+                            "finished runs are kept")
+        atomic_write(run / "bench_seconds.txt", f"{seconds:.3f}\n")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    test = summary.get("test") or {}
+    if not test.get("num_samples"):
+        raise DataError(f"{summary_path}: no test metrics; the shards need a test split")
+    return {**row, "status": "ok", "seconds": seconds, "psnr": test["psnr"], "baseline_psnr": test["baseline_psnr"],
+            "psnr_gain": test["psnr_gain"], "kld": test.get("kld"), "active_units": test.get("active_units"),
+            "latent_dim": test.get("latent_dim"), "dead_fraction": test.get("dead_fraction", {}),
+            "collapsed": summary["health"]["collapsed"], "problems": summary["health"]["problems"]}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (model, recipe): mean, min, max of each number over seeds, and the layer with most dead units."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["recipe"]), []).append(r)
+    out = []
+    for (model, recipe), group in groups.items():
+        ok = [r for r in group if r["status"] == "ok"]
+        group = [r for r in group if r["status"] != "not run"]
+        if not group:
+            continue
+        entry = {"model": model, "recipe": recipe, "seeds": len(group), "ok": len(ok),
+                 "collapsed": sum(r["collapsed"] for r in ok)}
+        for key in NUMBERS:
+            values = [r[key] for r in ok if r.get(key) is not None]
+            if values:
+                entry[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+                              "spread": max(values) - min(values)}
+        layers = ok[0]["dead_fraction"].keys() if ok else []
+        entry["dead_fraction_max"] = {n: max(r["dead_fraction"][n] for r in ok) for n in layers}
+        out.append(entry)
+    return out
+
+
+def markdown(rows: list[dict], summary: list[dict]) -> str:
+    def num(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    lines = ["| model | recipe | seed | test PSNR | mean-image PSNR | KL/image | active latents | dead % per ReLU layer "
+             "| collapsed | wall s |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    for r in rows:
+        if r["status"] == "not run":
+            continue
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['status']} | | | | | | |")
+            continue
+        dead = " ".join(f"{n} {100 * f:.0f}" for n, f in r["dead_fraction"].items())
+        active = f"{r['active_units']}/{r['latent_dim']}" if r.get("active_units") is not None else "–"
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['psnr']:.2f} | {r['baseline_psnr']:.2f} | "
+                     f"{num(r.get('kld'), '.1f')} | {active} | {dead} | {'yes' if r['collapsed'] else 'no'} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", "| model | recipe | runs | test PSNR mean (min – max) | spread | KL/image mean | active latents min "
+              "| worst dead % (layer) | collapsed runs |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for s in summary:
+        p = s.get("psnr")
+        worst = max(s["dead_fraction_max"].items(), key=lambda kv: kv[1], default=None)
+        lines.append(
+            f"| {s['model']} | {s['recipe']} | {s['ok']}/{s['seeds']} | "
+            + (f"{p['mean']:.2f} ({p['min']:.2f} – {p['max']:.2f}) | {p['spread']:.2f}" if p else "– | –")
+            + f" | {num(s.get('kld', {}).get('mean'), '.1f')} | {num(s.get('active_units', {}).get('min'), '.0f')} | "
+            + (f"{100 * worst[1]:.0f} ({worst[0]})" if worst else "–") + f" | {s['collapsed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    try:
+        data = Path(args.data) if args.data else synthetic_shards(Path(args.cache_dir), args.synthetic)
+        load_manifest(data)  # a clear error before any training starts
+        rows = [run_one(args, data, m, r, s, extra) for m in args.models for r in args.recipes for s in args.seeds]
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarize(rows)
+    out = Path(args.out)
+    write_json(out / "quality.json", {"data": str(data), "epochs": args.epochs, "batch_size": args.batch_size,
+                                      "loader": args.loader, "train_args": extra, "runs": rows, "summary": summary})
+    text = markdown(rows, summary)
+    atomic_write(out / "quality.md", text)
+    print(text + f"[quality] wrote {out / 'quality.json'} and {out / 'quality.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

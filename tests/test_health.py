@@ -1,0 +1,126 @@
+"""Model health (fastceleba/health.py) on constructed models, and the recipes' schedules.
+
+The end-to-end checks (the notebook recipe's collapse is reported, the default recipe's is not) run the
+real training script in tests/test_train.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from fastceleba import health
+from fastceleba.metrics import evaluate
+from fastceleba.models import VAE, Autoencoder
+from fastceleba.recipe import DEFAULT, NOTEBOOK, Recipe, resolve
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def batches(n: int = 3, size: int = 8, seed: int = 0, pad: int = 0) -> list[dict]:
+    """Random images in [0, 1]; the last `pad` samples of the last batch are padding (valid=False)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        valid = torch.ones(size, dtype=torch.bool)
+        if i == n - 1 and pad:
+            valid[-pad:] = False
+        out.append({"image": torch.rand(size, 3, 64, 64, generator=gen), "valid": valid})
+    return out
+
+
+def test_relu_layers_are_named_as_in_the_state_dict():
+    assert list(health.relu_layers(VAE(8))) == ["enc_conv1", "enc_conv2", "enc_conv3", "dec_conv1", "dec_conv2"]
+    ae = Autoencoder()
+    assert list(health.relu_layers(ae)) == ["encoder.0", "encoder.2", "decoder.0", "decoder.2"]
+    assert all(f"{n}.weight" in ae.state_dict() for n in health.relu_layers(ae))
+
+
+@torch.no_grad()
+def test_known_dead_channels_are_counted_exactly(accelerator):
+    torch.manual_seed(0)
+    model = VAE(8)
+    model.enc_conv3.bias.fill_(1e3)       # every unit of enc_conv3 positive ...
+    model.enc_conv3.bias[:10] = -1e3      # ... except 10 of 64 channels, on every image
+    model.dec_conv2.bias.fill_(-1e3)      # a whole layer dead
+    m = evaluate(model, batches(), accelerator, baseline=torch.full((3, 64, 64), 0.5))
+    assert m["dead_fraction"]["enc_conv3"] == pytest.approx(10 / 64)
+    assert m["dead_fraction"]["dec_conv2"] == 1.0
+    assert m["dead_channel_fraction"]["enc_conv3"] == pytest.approx(10 / 64)
+    assert m["dead_channel_fraction"]["dec_conv2"] == 1.0
+    problems = health.problems(m)
+    assert any("100% of dec_conv2's units are dead" in p for p in problems)
+    assert not any("enc_conv3" in p for p in problems)  # 16 % dead is not a collapse
+
+
+@torch.no_grad()
+def test_padding_samples_do_not_keep_a_unit_alive():
+    torch.manual_seed(0)
+    model = Autoencoder()
+    data = batches(n=1, size=4, pad=1)
+    data[0]["image"][:3] = 0.0            # valid images: all zero -> conv output = bias
+    data[0]["image"][3] = 1.0             # the padding sample: would make units positive
+    model.encoder[0].bias.fill_(-1.0)     # so on valid images every encoder.0 unit is dead
+    model.encoder[0].weight.fill_(1.0)
+    with health.DeadUnitProbe(model) as probe:
+        for b in data:
+            probe.valid = b["valid"]
+            model(b["image"])
+    alive = probe.alive_counts()
+    assert health.dead_fractions(alive)["encoder.0"] == 1.0
+    probe2 = health.DeadUnitProbe(model)
+    with probe2:
+        model(data[0]["image"])           # without a mask the padding sample counts
+    assert health.dead_fractions(probe2.alive_counts())["encoder.0"] < 1.0
+
+
+@torch.no_grad()
+def test_constant_mu_has_no_active_units_and_is_a_collapse(accelerator):
+    torch.manual_seed(0)
+    model = VAE(16)
+    model.fc_mu.weight.zero_()            # mu(x) = bias for every x: nothing about the image gets through
+    m = evaluate(model, batches(), accelerator, baseline=torch.full((3, 64, 64), 0.5))
+    assert m["active_units"] == 0 and m["latent_dim"] == 16
+    assert any("only 0/16 latents active" in p for p in health.problems(m))
+    line = health.warning_line(health.problems(m), "valid", "notebook")
+    assert line.startswith("warning: the model collapsed on the valid split: ") and "\n" not in line
+    assert "drop --recipe notebook" in line
+
+
+def test_active_units_counts_variance_above_threshold():
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    scales = torch.tensor([0.0, 0.05, 0.2, 1.0])  # variances 0, 0.0025, 0.04, 1 -> 2 active
+    mu = torch.randn(n, 4, generator=gen, dtype=torch.float64) * scales + 3.0
+    count, var = health.active_units(mu.sum(0), mu.pow(2).sum(0), n)
+    assert count == 2
+    assert var.tolist() == pytest.approx([0.0, 0.0025, 0.04, 1.0], rel=0.05, abs=1e-9)
+
+
+def test_problems_of_a_healthy_model_are_empty():
+    metrics = {"num_samples": 10, "psnr": 23.0, "baseline_psnr": 13.0, "psnr_gain": 10.0, "active_units": 80,
+               "latent_dim": 80, "dead_fraction": {"enc_conv3": 0.05}}
+    assert health.problems(metrics) == []
+    metrics.update(psnr=13.5, psnr_gain=0.5)
+    assert health.problems(metrics) == ["PSNR 13.50 dB is within 1 dB of the mean image's 13.00 dB"]
+
+
+def test_recipe_schedules():
+    assert [NOTEBOOK.lr_at(s, 100) for s in (0, 50, 99)] == [1e-3] * 3
+    assert NOTEBOOK.beta_at(0, 100) == 1.0 and NOTEBOOK.reduction == "sum" and NOTEBOOK.init == "torch"
+    r = Recipe("t", lr=1.0, warmup_steps=10, decay="cosine", final_lr=0.1, kl_warmup_steps=20)
+    assert r.lr_at(0, 110) == pytest.approx(0.1) and r.lr_at(9, 110) == pytest.approx(1.0)
+    assert r.lr_at(10, 110) == pytest.approx(1.0) and r.lr_at(109, 110) == pytest.approx(0.1)
+    assert r.lr_at(60, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
+    assert r.beta_at(0, 110) == pytest.approx(0.05) and r.beta_at(19, 110) == 1.0 and r.beta_at(500, 110) == 1.0
+    assert r.warmups(20) == (6, 12) and r.lr_at(5, 20) == pytest.approx(1.0)  # short runs: capped warm-ups
+    assert r.beta_at(11, 20) == 1.0
+    lin = resolve("default", decay="linear", final_lr=0.0, warmup_steps=0)
+    assert lin.lr_at(0, 11) == pytest.approx(DEFAULT.lr) and lin.lr_at(10, 11) == pytest.approx(0.0)
+    assert resolve("notebook", lr=None).lr == 1e-3  # None leaves the recipe's value
