@@ -2,7 +2,10 @@
 
 A checkpoint is OUT/checkpoints/epoch_N, written by ``accelerator.save_state`` into a temporary
 ``.tmp-epoch_N`` directory and renamed once complete (``trainer_state.json``, written last, marks it
-complete); only the newest KEEP_CHECKPOINTS are kept. Weights are stored as safetensors under plain layer
+complete); only the newest KEEP_CHECKPOINTS are kept. With several processes, rank 0 decides which
+checkpoint to resume from and every rank checks that it sees that one (``check_resume_point``); when --out
+is a different directory on each node (fastceleba/distributed.py), each node's first process writes,
+renames and prunes its node's copy (``writer``). Weights are stored as safetensors under plain layer
 names (never "module.*"), so a checkpoint does not depend on the number of processes. This module never
 decides *when* to save or what a run does with a resumed state: the training loop does.
 """
@@ -74,27 +77,64 @@ def find_resume(ckpt_dir: Path, resume: bool, model: str, latent_dim: int) -> tu
     return newest, read_trainer_state(newest, model, latent_dim)
 
 
+def check_resume_point(ckpt_dir: Path, chosen: tuple[int, dict] | None, writer: bool) -> Path | None:
+    """On every rank: the checkpoint rank 0 chose (``chosen``: its epoch and trainer state), as seen here.
+
+    DataError when this rank cannot see it, or sees another run's checkpoint under that name (the trainer
+    states differ), or when rank 0 starts afresh but this rank writes into a directory that already holds
+    checkpoints (node-local --out: they would mix with the new run's). On a shared --out this only
+    re-reads what rank 0 read.
+    """
+    if chosen is None:
+        if writer and checkpoints(ckpt_dir):
+            raise DataError(f"{ckpt_dir}: holds checkpoints but rank 0's --out has none to resume from; "
+                            f"delete them, or copy rank 0's checkpoints here, or pick a new --out")
+        return None
+    epoch, state = chosen
+    path = ckpt_dir / f"epoch_{epoch}"
+    if not (path / "trainer_state.json").is_file():
+        raise DataError(f"{path}: not found here, but rank 0 resumes from its epoch_{epoch}; with a --out local "
+                        f"to each node, copy rank 0's {path.parent.name}/epoch_{epoch} to this node, "
+                        f"or use a shared --out")
+    try:
+        mine = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        mine = None
+    if mine != state:
+        raise DataError(f"{path}: not the checkpoint rank 0 resumes from (its trainer_state.json differs); "
+                        f"copy rank 0's epoch_{epoch} here, or pick a new --out")
+    return path
+
+
 def clear_partial(ckpt_dir: Path) -> None:
-    """Remove saves that a crash cut short (.tmp-* directories); main process only."""
+    """Remove saves that a crash cut short (.tmp-* directories and markers); one writer per directory."""
     for partial in ckpt_dir.glob(".tmp-*"):
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
 
 
-def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, record: dict[str, Any]) -> Path:
+def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, record: dict[str, Any],
+                    writer: bool | None = None) -> Path:
     """accelerator.save_state into a temp dir, then rename it to epoch_N: a crash leaves the older ones intact.
 
-    ``record`` (epoch, step, model, ...) becomes trainer_state.json; "format" is added here.
+    ``record`` (epoch, step, model, ...) becomes trainer_state.json; "format" is added here. ``writer``: this
+    rank creates, completes, renames and prunes the directory (default: the main process; with a --out
+    local to each node, each node's first process, and ``accelerator.project_configuration.save_on_each_node``
+    must then be set so that Accelerate writes weights and optimizer state on every node too).
     """
+    writer = accelerator.is_main_process if writer is None else writer
     record = {"format": CHECKPOINT_FORMAT, **record}
     final = ckpt_dir / f"epoch_{record['epoch']}"
     tmp = ckpt_dir / f".tmp-epoch_{record['epoch']}"
-    if accelerator.is_main_process:
+    if writer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # weights (safetensors), optimizer, RNG state of every rank
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if writer:
         write_json(tmp / "trainer_state.json", record)  # written last: marks the checkpoint complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

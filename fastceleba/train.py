@@ -43,8 +43,9 @@ from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm import tqdm
 
 from fastceleba import health, pictures
-from fastceleba.checkpoints import (clear_partial, find_resume, model_desc, register_weight_hooks,
-                                    save_checkpoint)
+from fastceleba.checkpoints import (check_resume_point, clear_partial, find_resume, model_desc,
+                                    register_weight_hooks, save_checkpoint)
+from fastceleba.distributed import agree, from_rank0, node_local_note, out_layout, release_group
 from fastceleba.errors import DataError
 from fastceleba.files import atomic_write, write_json
 from fastceleba.loaders import KINDS, make_loader
@@ -333,44 +334,64 @@ def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
 def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Run the whole job (every rank calls it); returns this rank's trained model (unwrapped) and the summary."""
     data, out = Path(args.data), Path(args.out)
-    manifest = load_manifest(data)  # DataError naming the fix when there are no shards
-    sizes = {s: split_size(manifest, s) for s in ("train", "valid", "test")}
     accelerator = make_accelerator(args, out)
     log = accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
-    if sizes["train"] < args.batch_size * world:
-        raise DataError(f"{data / 'manifest.json'}: {sizes['train']} training images are fewer than one step "
-                        f"({args.batch_size} x {world} processes); lower --batch-size")
-
     ckpt_dir = out / "checkpoints"
-    resume, state = find_resume(ckpt_dir, args.resume, args.model, args.latent_dim)
+    # Before the first collective of training, every rank's set-up is agreed (fastceleba/distributed.py):
+    # a DataError on one rank stops all of them with the same line instead of leaving them waiting.
+    layout = out_layout(rank, world, accelerator.is_local_main_process, ckpt_dir)
+    accelerator.project_configuration.save_on_each_node = layout.per_node
 
     recipe = recipe_of(args)
     set_seed(args.seed)  # the same initial weights on every rank
     model = initialize(build_model(args.model, args.latent_dim), recipe.init)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)  # the recipe sets lr before every step
-    model, optimizer = accelerator.prepare(model, optimizer)  # loaders are sharded already: never prepared
-    raw = accelerator.unwrap_model(model)
-    loss_fn = make_loss_fn(model, args.model, recipe.reduction, args.compile)
-    register_weight_hooks(accelerator)
 
     def loader(split: str, **kw: Any) -> Any:
         kw.setdefault("batch_size", args.batch_size)
         return make_loader(args.loader, str(data), split, device=accelerator.device, seed=args.seed, rank=rank,
                            world_size=world, num_workers=args.workers, crop=args.crop, **kw)
 
-    train_loader = loader("train", shuffle=True, drop_last=True, flip=args.flip)
-    # In order, unaugmented, every image once: the mean image and the attribute vectors. For "cache" this
-    # pass streams with "turbo" (the cache's own decoder) instead of holding the train split twice in memory.
-    plain_train = make_loader("turbo" if args.loader == "cache" else args.loader, str(data), "train",
-                              args.batch_size, device=accelerator.device, seed=args.seed, rank=rank,
-                              world_size=world, num_workers=args.workers, crop=args.crop)
-    valid_loader = loader("valid") if sizes["valid"] else None
-    test_loader = loader("test") if sizes["test"] else None
+    def set_up() -> tuple:
+        manifest = load_manifest(data)  # DataError naming the fix when there are no shards
+        sizes = {s: split_size(manifest, s) for s in ("train", "valid", "test")}
+        if sizes["train"] < args.batch_size * world:
+            raise DataError(f"{data / 'manifest.json'}: {sizes['train']} training images are fewer than one step "
+                            f"({args.batch_size} x {world} processes); lower --batch-size")
+        train_loader = loader("train", shuffle=True, drop_last=True, flip=args.flip)
+        # In order, unaugmented, every image once: the mean image and the attribute vectors. For "cache" this
+        # pass streams with "turbo" (the cache's own decoder) instead of holding the train split twice in memory.
+        plain_train = make_loader("turbo" if args.loader == "cache" else args.loader, str(data), "train",
+                                  args.batch_size, device=accelerator.device, seed=args.seed, rank=rank,
+                                  world_size=world, num_workers=args.workers, crop=args.crop)
+        valid_loader = loader("valid") if sizes["valid"] else None
+        test_loader = loader("test") if sizes["test"] else None
+        return manifest, sizes, train_loader, plain_train, valid_loader, test_loader
+
+    def decide_resume() -> tuple[int, dict] | None:  # rank 0 decides; the others learn it through agree
+        if rank != 0:
+            return None
+        found, state = find_resume(ckpt_dir, args.resume, args.model, args.latent_dim)
+        return None if state is None else (state["epoch"], state)
+
+    mine, manifest, sizes, train_loader, plain_train, valid_loader, test_loader = agree(
+        rank, world, lambda: (decide_resume(), *set_up()))
+    chosen = from_rank0(mine, world)
+    resume = agree(rank, world, lambda: check_resume_point(ckpt_dir, chosen, layout.writer))
+    state = None if chosen is None else chosen[1]
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)  # the recipe sets lr before every step
+    model, optimizer = accelerator.prepare(model, optimizer)  # loaders are sharded already: never prepared
+    raw = accelerator.unwrap_model(model)
+    loss_fn = make_loss_fn(model, args.model, recipe.reduction, args.compile)
+    register_weight_hooks(accelerator)
 
     start_epoch, step = 0, 0
     if state is not None:
-        accelerator.load_state(str(resume))  # weights via our hook; optimizer and RNG with weights_only=True
+        # weights via our hook; optimizer and RNG with weights_only=True. A different number of processes
+        # resumes too: the weights and Adam state are whole in every checkpoint, each rank loads
+        # random_states_<rank>.pkl if there is one, and train.py re-seeds every epoch anyway.
+        agree(rank, world, lambda: accelerator.load_state(str(resume)))
         start_epoch, step = state["epoch"], state["step"]
         if state.get("recipe", recipe.as_dict()) != recipe.as_dict():
             log(f"note: the recipe differs from the checkpoint's ({state.get('recipe')}); its schedules "
@@ -382,11 +403,14 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         log(f"resuming from {resume} (epoch {start_epoch}, step {step})")
     elif args.resume:
         log(f"no checkpoint in {ckpt_dir}; starting afresh")
+    if note := node_local_note(layout):
+        log(note)
+    if layout.writer:
+        clear_partial(ckpt_dir)  # saves a crash cut short, on each node that writes checkpoints
 
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        clear_partial(ckpt_dir)
         # Keep only the lines of the epochs this run continues from, so metrics.jsonl tells one story.
         old = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []
         kept = [line for line in old if _epoch_of(line) <= start_epoch]
@@ -430,7 +454,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                 "epoch": epoch + 1, "step": step, "model": args.model,
                 "latent_dim": args.latent_dim if args.model == "vae" else None, "num_processes": world,
                 "batch_size": args.batch_size, "seed": args.seed, "loader": args.loader,
-                "recipe": recipe.as_dict()})
+                "recipe": recipe.as_dict()}, writer=layout.writer)
         log(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss {train_loss:.5g}, "
             f"{record['images_per_s']:.0f} img/s" + (f"; valid {format_metrics(record['valid'])}"
                                                      if "valid" in record else ""))
@@ -479,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # an error all ranks agreed on is printed by rank 0 only
+            print(f"error: {e}", file=sys.stderr)
+        release_group()
         return EXIT_BAD_INPUT
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
