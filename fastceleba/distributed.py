@@ -21,6 +21,8 @@ between (some nodes sharing a directory, others not) stops with one line asking 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,22 @@ def from_rank0(obj: Any, world: int) -> Any:
     return box[0]
 
 
+def same_data(rank: int, world: int, manifest: dict, where: Path) -> None:
+    """Every rank reads the same shards: their manifest's splits (with every shard's sha256) and image
+    options agree with rank 0's, else every rank stops with one line. Each node may keep its own copy, at
+    its own path; a copy made again with other options, or of another version, is refused."""
+    if world == 1:
+        return
+    keys = ("splits", "size", "crop", "members", "raw_member", "attr_names")
+    digest = hashlib.sha256(json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
+    seen = _gather((digest, str(where)), world)
+    other = [r for r, (d, _) in enumerate(seen) if d != seen[0][0]]
+    if other:
+        raise fail_together(f"{_ranks(other)} of {world}: {seen[other[0]][1]} describes other shards than "
+                            f"rank 0's {seen[0][1]} (another version, or made with other options); give every "
+                            f"node the same shards", rank)
+
+
 @dataclass(frozen=True)
 class OutLayout:
     """Where checkpoints are written: ``per_node`` when --out is a different directory on each node;
@@ -147,7 +165,7 @@ def out_layout(rank: int, world: int, local_main: bool, ckpt_dir: Path) -> OutLa
         (ckpt_dir / f"{MARKER}{by_rank[rank]}").unlink(missing_ok=True)
     if all(len(s) == len(tokens) for s in seen):
         return OutLayout(per_node=False, writer=rank == 0)
-    if all(len(s) == 1 for s in seen):
+    if all(len(s) == 1 for s in seen) and all(seen[r] == [t] for r, t in enumerate(by_rank) if t is not None):
         return OutLayout(per_node=True, writer=local_main)
     blind = [r for r, s in enumerate(seen) if len(s) != 1]
     raise fail_together(f"{ckpt_dir}: --out is shared by some nodes but not by all (as seen from "

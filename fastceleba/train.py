@@ -45,7 +45,7 @@ from tqdm import tqdm
 from fastceleba import health, pictures
 from fastceleba.checkpoints import (check_resume_point, clear_partial, find_resume, model_desc,
                                     register_weight_hooks, save_checkpoint)
-from fastceleba.distributed import agree, from_rank0, node_local_note, out_layout, release_group
+from fastceleba.distributed import agree, from_rank0, node_local_note, out_layout, release_group, same_data
 from fastceleba.errors import DataError
 from fastceleba.files import atomic_write, write_json
 from fastceleba.loaders import KINDS, make_loader
@@ -376,6 +376,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
 
     mine, manifest, sizes, train_loader, plain_train, valid_loader, test_loader = agree(
         rank, world, lambda: (decide_resume(), *set_up()))
+    same_data(rank, world, manifest, data / "manifest.json")
     chosen = from_rank0(mine, world)
     resume = agree(rank, world, lambda: check_resume_point(ckpt_dir, chosen, layout.writer))
     state = None if chosen is None else chosen[1]

@@ -37,10 +37,16 @@ HANG = 300  # seconds: far above a run here (~15-30 s); reaching it means the ra
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def celeba(tmp_path_factory) -> Path:
     """120 faces: 96 train (6 steps of 8 per rank on 2 ranks), 12 valid, 12 test."""
     root = tmp_path_factory.mktemp("celeba120")
     generate(root, 120, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(celeba, tmp_path_factory) -> Path:
+    root = celeba
     out = tmp_path_factory.mktemp("shards120")
     write_shards(root, out, ShardOptions(size=64, shard_size=50), progress=False)
     return out
@@ -155,18 +161,21 @@ def test_node_local_out_checkpoints_on_each_node_and_resumes(data, tmp_path):
                                  f"here, or pick a new --out"] and not nodes[1].errors()
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_data_error_on_one_node_stops_both_with_one_line(data, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["truncated", "other"])
+def test_data_error_on_one_node_stops_both_with_one_line(celeba, data, tmp_path, damage):
     local = tmp_path / "node1-shards"  # node 1's local copy of the shards
-    shutil.copytree(data, local)
-    if damage == "missing":
-        (local / "manifest.json").unlink()
-        expected = f"error: rank 1 of 2: {local / 'manifest.json'}: no such file"
-    else:
+    if damage == "truncated":  # node 1's copy of one shard is cut short
+        shutil.copytree(data, local)
         tar = sorted(local.glob("train-*.tar"))[0]
         tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
         expected = f"error: rank 1 of 2: {tar}"
-    args = [["--data", data, "--out", tmp_path / "out0", *FAST], ["--data", local, "--out", tmp_path / "out1", *FAST]]
+    else:  # sound shards, but not the same: made again with another shard size
+        write_shards(celeba, local, ShardOptions(size=64, shard_size=40), progress=False)
+        expected = (f"error: rank 1 of 2: {local / 'manifest.json'} describes other shards than rank 0's "
+                    f"{data / 'manifest.json'} (another version, or made with other options); give every node "
+                    f"the same shards")
+    args = [["--data", data, "--out", tmp_path / "out0", *FAST],
+            ["--data", local, "--out", tmp_path / "out1", *FAST]]
     nodes = two_nodes(tmp_path, args, script=TRAIN)
     assert [n.rc for n in nodes] == [2, 2], [n.output[-3000:] for n in nodes]  # both exit 2, neither hangs
     assert len(nodes[0].errors()) == 1 and nodes[0].errors()[0].startswith(expected), nodes[0].output[-3000:]
