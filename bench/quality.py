@@ -162,8 +162,8 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
     def num(v, fmt):
         return "–" if v is None else format(v, fmt)
 
-    lines = ["| model | recipe | seed | test PSNR | mean-image PSNR | KL/image | active latents | dead % per ReLU layer "
-             "| collapsed | wall s |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    lines = ["| model | recipe | seed | test PSNR | mean-image PSNR | KL/image | active latents "
+             "| dead % per ReLU layer | collapsed | wall s |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         if r["status"] == "not run":
             continue
@@ -175,8 +175,9 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['psnr']:.2f} | {r['baseline_psnr']:.2f} | "
                      f"{num(r.get('kld'), '.1f')} | {active} | {dead} | {'yes' if r['collapsed'] else 'no'} | "
                      f"{r['seconds']:.0f} |")
-    lines += ["", "| model | recipe | runs | test PSNR mean (min – max) | spread | KL/image mean | active latents min "
-              "| worst dead % (layer) | collapsed runs |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines += ["", "| model | recipe | runs | test PSNR mean (min – max) | spread | KL/image mean "
+              "| active latents min | worst dead % (layer) | collapsed runs |",
+              "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for s in summary:
         p = s.get("psnr")
         worst = max(s["dead_fraction_max"].items(), key=lambda kv: kv[1], default=None)

@@ -95,9 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per step on each process (notebook: 128)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
-                   help="training schedule: 'default' (lr warm-up + cosine decay, KL annealing, per-image loss; "
-                        "keeps the VAE's units alive) or 'notebook' (the seed's exact one: Adam 1e-3 constant, "
-                        "beta 1, summed loss). The flags below override single fields of it")
+                   help="training schedule: 'default' (lr warm-up + cosine decay, KL annealing, per-image loss, "
+                        "He init; keeps more of the VAE's units alive) or 'notebook' (the seed's exact one: Adam "
+                        "1e-3 constant, beta 1, summed loss). The flags below override single fields of it")
     p.add_argument("--lr", type=float, default=None,
                    help="peak Adam learning rate (default: the recipe's; default 2e-3, notebook 1e-3)")
     p.add_argument("--warmup-steps", type=int, default=None,
@@ -440,7 +440,8 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                                                                    total_steps, last_good)
         complete = steps == len(train_loader)  # False when --max-steps cut the epoch
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                                  "lr": recipe.lr_at(step - 1, total_steps), "beta": recipe.beta_at(step - 1, total_steps),
+                                  "lr": recipe.lr_at(step - 1, total_steps),
+                                  "beta": recipe.beta_at(step - 1, total_steps),
                                   "images_per_s": images / seconds, "seconds": seconds}
         if not complete:
             record["partial"] = True
