@@ -471,7 +471,7 @@ def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
     """The CPU only when asked (--cpu, ACCELERATE_USE_CPU) or when the machine has no NVIDIA GPU at all;
     SetupError when it has GPUs that torch cannot use (e.g. a driver too old for this CUDA build)."""
     asked, cuda = cpu_asked(args), torch.cuda.is_available()
-    if not asked and not cuda and (problem := cuda_problem(False, False, nvidia_gpus())):
+    if not asked and not cuda and (problem := cuda_problem(False, False, nvidia_gpus(NVIDIA_SIGNS))):
         raise SetupError(problem)
     # Without CUDA, `accelerate launch --multi_gpu --num_processes N` would start N processes that each
     # train alone (DistributedType.NO); cpu=True makes them one gloo process group.
