@@ -605,8 +605,10 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         step, steps, train_loss, images, seconds = stats[:5]
         skipped_steps += stats.skipped
         complete = steps == len(train_loader)  # False when --max-steps cut the epoch
-        # images/s leaves out the first step (loader start-up, compilation, cuDNN autotuning): reported apart.
-        steady = images * (steps - 1) / steps / (seconds - stats.first_step_seconds) if steps > 1 else float("nan")
+        # images/s leaves out the first step (loader start-up, compilation, cuDNN autotuning): reported apart
+        # (an epoch of one step has nothing else to count).
+        rest = seconds - stats.first_step_seconds
+        steady = images * (steps - 1) / steps / rest if steps > 1 and rest > 0 else images / seconds
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
                                   "lr": recipe.lr_at(step - 1, total_steps), "beta": recipe.beta_at(step - 1, total_steps),
                                   "images_per_s": steady, "first_step_seconds": stats.first_step_seconds,
