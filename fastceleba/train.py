@@ -12,9 +12,10 @@ The default recipe (--recipe default) trains the notebook's layers with a learni
 cosine decay, KL annealing and a per-image loss; --recipe notebook is the seed's exact schedule (Adam
 1e-3 constant, beta 1, the VAE's loss summed over the batch). See fastceleba/recipe.py.
 
-It writes into --out: metrics.jsonl (one JSON line per epoch: train loss, lr, beta, images/s, valid
-metrics and model health), summary.json (final test metrics beside the mean-image baseline, and the
-health verdict), model.safetensors + config.json
+It writes into --out: metrics.jsonl (one JSON line per epoch: train loss, lr, beta, images/s after the
+first step and that step's seconds apart, steps fp16's loss scaler skipped, valid metrics and model
+health), summary.json (final test metrics beside the mean-image baseline, the health verdict, the
+process-group backend, the global batch), model.safetensors + config.json
 (fastceleba.models.load_pretrained reads them), reconstructions.png (+ samples.png, interpolation.png,
 attributes.png for the VAE) and checkpoints/epoch_N (the last two; --resume continues from the newest).
 """
@@ -22,14 +23,17 @@ attributes.png for the VAE) and checkpoints/epoch_N (the last two; --resume cont
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # `python fastceleba/train.py` puts fastceleba/ itself first on sys.path. Put the repository root there
 # instead, so `import fastceleba` works without `pip install -e .` and our module names (metrics,
@@ -39,10 +43,10 @@ if __name__ == "__main__" and not __package__:
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import is_tensorboard_available, set_seed
+from accelerate.utils import is_tensorboard_available, parse_flag_from_env, set_seed
 from tqdm import tqdm
 
-from fastceleba import health, pictures
+from fastceleba import health, pictures, remote
 from fastceleba.checkpoints import (check_resume_point, clear_partial, find_resume, model_desc,
                                     register_weight_hooks, save_checkpoint)
 from fastceleba.distributed import agree, from_rank0, node_local_note, out_layout, release_group, same_data
@@ -52,7 +56,6 @@ from fastceleba.loaders import KINDS, make_loader
 from fastceleba.metrics import evaluate, mean_image
 from fastceleba.models import VAE, ae_loss, build_model, save_pretrained, vae_loss
 from fastceleba.recipe import DECAYS, INITS, RECIPES, REDUCTIONS, Recipe, initialize, resolve
-from fastceleba.shards import load_manifest
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
 PICTURE_ATTRIBUTES = ("Smiling", "Eyeglasses")
@@ -60,6 +63,10 @@ PICTURE_ATTRIBUTES = ("Smiling", "Eyeglasses")
 EPILOG = """\
 mixed precision and devices are Accelerate's: `accelerate launch --mixed_precision bf16 ...` (or
 `accelerate config`); several processes on a machine without a GPU train together over gloo.
+Where NVIDIA GPUs exist but torch cannot use them (e.g. a driver older than the CUDA build needs)
+the run stops (status 2) unless --cpu asks for the CPU; a machine without GPUs trains on the CPU.
+--batch-size is per process: N processes take N times fewer, N times larger steps at the same --lr;
+--global-batch-size keeps the optimisation of one process whatever N.
 On a CPU, plain `python` uses all cores; `accelerate launch` sets OMP_NUM_THREADS=1 unless given
 `--cpu` or `--num_cpu_threads_per_process N`.
 
@@ -72,14 +79,86 @@ records it in summary.json ("health"). Under
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or inf."""
+    """The training loss became NaN or inf (found through a reduction: every rank raises it alike)."""
+    agreed = True  # every rank raises it: rank 0 alone prints it
 
 
-def default_loader() -> str:
-    """DALI where it is installed and a GPU can decode; otherwise the in-memory decoded cache."""
-    if importlib.util.find_spec("nvidia.dali") is not None and torch.cuda.is_available():
+class SetupError(RuntimeError):
+    """Flags that do not fit this machine or launch (exit 2); every rank decides it alike."""
+    agreed = True
+
+
+# ------------------------------------------------------------------------------------------ device choice
+NVIDIA_SIGNS = ("/proc/driver/nvidia/version", "/dev/nvidia0")
+# The oldest driver branch each CUDA major version's wheels run on (NVIDIA's CUDA toolkit release notes).
+MIN_DRIVER = {13: "R580", 12: "R525", 11: "R450"}
+
+
+def nvidia_gpus(paths: tuple[str, ...] = NVIDIA_SIGNS, smi: str = "nvidia-smi") -> str | None:
+    """The first sign of NVIDIA GPU hardware on this machine (a driver file, a device node, or a GPU
+    listed by ``smi -L``), or None when there is none."""
+    for path in paths:
+        if os.path.exists(path):
+            return path
+    exe = shutil.which(smi)
+    if exe:
+        try:
+            out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
+        if gpus:
+            return f"`{smi} -L`: {gpus[0].strip()}" + (f" (+{len(gpus) - 1})" if len(gpus) > 1 else "")
+    return None
+
+
+def cuda_problem(cpu_asked: bool, cuda_available: bool, gpus: str | None) -> str | None:
+    """Why training must not start (GPUs present but unusable by torch, and the CPU not asked for), or None."""
+    if cpu_asked or cuda_available or not gpus:
+        return None
+    build = torch.version.cuda
+    if build is None:
+        need = f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch"
+    else:
+        major = int(build.split(".")[0])
+        driver = MIN_DRIVER.get(major, "a recent")
+        need = (f"torch {torch.__version__} is built for CUDA {build} and needs an NVIDIA driver {driver} "
+                f"or newer (check `nvidia-smi`; update the driver, or install a torch wheel for an older CUDA)")
+    return (f"NVIDIA GPUs are present ({gpus}) but torch cannot use them: {need}; "
+            f"to train on the CPU anyway pass --cpu (or `accelerate launch --cpu`)")
+
+
+def cpu_asked(args: argparse.Namespace) -> bool:
+    """--cpu, or Accelerate's ACCELERATE_USE_CPU (`accelerate launch --cpu`, `accelerate config`)."""
+    return bool(args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def default_loader(cpu: bool = False, data: str = "") -> str:
+    """wds for shards at a URL (the one kind that streams); DALI where it is installed and a GPU can decode;
+    otherwise the in-memory decoded cache."""
+    if remote.is_remote(data):
+        return "wds"
+    if not cpu and importlib.util.find_spec("nvidia.dali") is not None and torch.cuda.is_available():
         return "dali"
     return "cache"
+
+
+def set_backends(deterministic: bool, cuda: bool) -> str:
+    """Deterministic kernels (--deterministic), or on CUDA the fast ones: cuDNN's autotuner and TF32
+    matmuls/convolutions. Returns what was set, for the start line."""
+    if deterministic:
+        # cuBLAS needs this before its first handle; harmless on the CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        return "deterministic kernels"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # batches have one shape: the autotuner pays once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return "cudnn.benchmark, TF32"
+    return "default kernels"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,12 +167,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", choices=("ae", "vae"), default="vae",
                    help="the notebook's autoencoder or its VAE (default: vae, the notebook's final model and the "
                         "one that can also generate faces)")
-    p.add_argument("--data", required=True, help="shard directory written by tools/shard.py (holds manifest.json)")
-    p.add_argument("--loader", choices=KINDS, default=default_loader(),
-                   help="data loader kind (default here: %(default)s; dali where a GPU exists, else cache)")
+    p.add_argument("--data", required=True,
+                   help="shard directory written by tools/shard.py (holds manifest.json), or the shards at an "
+                        "http(s):// URL or a 'pipe:CMD {name}' command (streamed; --loader wds only)")
+    p.add_argument("--loader", choices=KINDS, default=None,
+                   help=f"data loader kind (default here: {default_loader()}; dali where a GPU exists, else "
+                        "cache; wds for a URL)")
     p.add_argument("--epochs", type=int, default=5, help="passes over the training split (notebook: 5)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="images per step on each process (notebook: 128)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help="images per step on each process (default 128, the notebook's); N processes make "
+                            "a global batch of N x this, and N times fewer steps per epoch at the same --lr")
+    batch.add_argument("--global-batch-size", type=int, default=None,
+                       help="images per optimizer step over all processes, divided among them (must be a "
+                            "multiple of the number of processes): keeps the optimisation of a 1-process run "
+                            "with --batch-size of this value whatever the number of GPUs")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
                    help="training schedule: 'default' (lr warm-up + cosine decay, KL annealing, per-image loss, "
                         "He init; keeps more of the VAE's units alive) or 'notebook' (the seed's exact one: Adam "
@@ -120,6 +208,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="VAE loss backpropagated as the batch 'sum' (notebook) or its mean per 'image' (default: "
                         "same optimum, but gradients fp16 can hold); the AE always uses the notebook's MSE")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and the VAE's noise")
+    p.add_argument("--cpu", action="store_true",
+                   help="train on the CPU even where GPUs exist (also ACCELERATE_USE_CPU=1 or `accelerate launch "
+                        "--cpu`); without it, GPUs that torch cannot use (e.g. a driver too old) stop the run")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (torch.use_deterministic_algorithms, cudnn.deterministic, "
+                        "CUBLAS_WORKSPACE_CONFIG) so a GPU run resumes bit for bit; slower on a GPU, and "
+                        "turns off cudnn.benchmark and TF32 (on by default on CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="run model and loss through torch.compile as one graph (the first steps compile)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>)")
@@ -141,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the final test evaluation (for model selection, e.g. tools/sweep.py)")
     p.add_argument("--no-pictures", action="store_true", help="write no PNG pictures")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "latent_dim", "log_every", "workers", "eval_every", "attr_images",
+    for name in ("epochs", "batch_size", "global_batch_size", "latent_dim", "log_every", "workers", "eval_every", "attr_images",
                  "warmup_steps", "kl_warmup_steps"):
         if getattr(args, name) is None:
             continue
@@ -157,7 +252,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.final_lr is not None and not 0 <= args.final_lr <= 1:
         p.error("--final-lr must be between 0 and 1")
     args.out = args.out or os.path.join("runs", args.model)
+    args.loader = args.loader or default_loader(cpu_asked(args), args.data)
     return args
+
+
+def per_process_batch(args: argparse.Namespace, world: int) -> int:
+    """Images per step on each process: --batch-size, or --global-batch-size / processes."""
+    if args.global_batch_size is None:
+        return args.batch_size or 128
+    if args.global_batch_size % world:
+        raise SetupError(f"--global-batch-size {args.global_batch_size} is not a multiple of the {world} "
+                         f"processes; use e.g. {max(world, args.global_batch_size // world * world)}")
+    return args.global_batch_size // world
 
 
 def recipe_of(args: argparse.Namespace) -> Recipe:
@@ -192,9 +298,13 @@ def compute_loss(model: torch.nn.Module, x: torch.Tensor, kind: str, beta: torch
 
 def make_loss_fn(model: torch.nn.Module, kind: str, reduction: str = "sum", compile: bool = False):
     """(x, beta) -> compute_loss(model, x, kind, beta, reduction), beta a 0-d tensor (so a changing KL weight
-    never recompiles); with compile=True, model and loss go through torch.compile as one graph, so the loss
-    and its backward fuse with the decoder (on 2 CPU cores: 1.2-1.5x eager, against 1.1-1.3x when compiling
-    the model alone)."""
+    never recompiles); with compile=True, model and loss go through torch.compile together.
+
+    On one process that is one graph, so the loss and its backward fuse with the decoder (on 2 CPU cores:
+    1.2-1.5x eager, against 1.1-1.3x when compiling the model alone). Under DDP (several processes) Dynamo
+    breaks the graph at the DDP module (its DDPOptimizer splits the model at gradient buckets so all-reduces
+    overlap the backward): the model and the loss compile as separate graphs and nothing fuses across the
+    boundary. Either way the training loader keeps drop_last=True: a smaller last batch would recompile."""
     def loss_fn(x: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return compute_loss(model, x, kind, beta, reduction)
 
@@ -222,18 +332,29 @@ def check_finite(accelerator: Accelerator, bad_steps: torch.Tensor, step: int, r
                        f"(its peak is {recipe.lr:g}); {kept}")
 
 
+class EpochStats(NamedTuple):
+    step: int                  # global step after the epoch
+    steps: int                 # steps taken in this epoch
+    loss: float                # mean shown loss over steps and ranks
+    images: int                # images over all ranks
+    seconds: float             # the whole epoch
+    first_step_seconds: float  # the first step alone: loader start-up, compilation, cuDNN autotuning
+    skipped: int               # steps fp16's GradScaler skipped (inf/NaN gradients); 0 without a scaler
+
+
 def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, loss_fn: Any,
                     optimizer: torch.optim.Optimizer, loader: Any, epoch: int, step: int, recipe: Recipe,
-                    total_steps: int, last_good: Path | None) -> tuple[int, int, float, int, float]:
-    """One pass over the training loader; returns (step, steps, mean shown loss over ranks, images, seconds).
+                    total_steps: int, last_good: Path | None) -> EpochStats:
+    """One pass over the training loader (see EpochStats).
 
-    Before each step the recipe sets the learning rate and the KL weight for that global step.
+    Before each step the recipe sets the learning rate and the KL weight for that global step. A step the
+    GradScaler skips still counts as a step: the schedules are functions of the step, as in a run without it.
     """
     model.train()
     device = accelerator.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     bad_steps = torch.zeros((), dtype=torch.int64, device=device)
-    steps, images = 0, 0
+    steps, images, skipped, first = 0, 0, 0, 0.0
     start = time.perf_counter()
     # `with`: the bar is cleared before an exception (Diverged) prints its message
     with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
@@ -247,11 +368,17 @@ def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: t
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
+            # Gradients are all-reduced first, so every rank skips the same steps.
+            skipped += accelerator.optimizer_step_was_skipped
             shown = shown.detach()
             loss_sum += shown
             bad_steps += (~torch.isfinite(shown)).long()
             steps, step = steps + 1, step + 1
             images += x.shape[0] * accelerator.num_processes
+            if steps == 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first = time.perf_counter() - start
             done = args.max_steps is not None and step >= args.max_steps
             if steps % args.log_every == 0 or steps == len(loader) or done:
                 check_finite(accelerator, bad_steps, step, recipe, last_good)
@@ -264,7 +391,8 @@ def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: t
     totals = torch.stack([loss_sum, torch.tensor(float(steps), dtype=torch.float64, device=device)])
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, reduction="sum")
-    return step, steps, float(totals[0] / totals[1]) if steps else float("nan"), images, seconds
+    return EpochStats(step, steps, float(totals[0] / totals[1]) if steps else float("nan"), images, seconds,
+                      first, skipped)
 
 
 def format_metrics(m: dict) -> str:
@@ -282,10 +410,19 @@ def format_metrics(m: dict) -> str:
     return text
 
 
+def main_print(accelerator: Accelerator):
+    """print, on the main process only: one line per event however many nodes (accelerator.print prints
+    once per node)."""
+    def log(*args: Any) -> None:
+        if accelerator.is_main_process:
+            print(*args, flush=True)
+    return log
+
+
 def make_pictures(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, test_loader: Any,
                   attr_loader: Any, attr_names: list[str], out: Path) -> list[str]:
     """Write the PNGs (every rank calls this: the attribute vectors need all ranks); returns the file names."""
-    log = accelerator.print
+    log = main_print(accelerator)
     vectors: dict[str, torch.Tensor] = {}
     if isinstance(model, VAE):
         found = pictures.attribute_vectors(model, attr_loader, accelerator, args.attr_images)
@@ -323,20 +460,71 @@ def make_pictures(args: argparse.Namespace, accelerator: Accelerator, model: tor
     return written
 
 
+def release(*loaders: Any) -> None:
+    """close() loaders used once in a while: DALI's pipelines keep their device memory until closed, the
+    cache its shared host copy; the next iter() sets them up again where needed."""
+    for loader in loaders:
+        if loader is not None:
+            loader.close()
+
+
 def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
+    """The CPU only when asked (--cpu, ACCELERATE_USE_CPU) or when the machine has no NVIDIA GPU at all;
+    SetupError when it has GPUs that torch cannot use (e.g. a driver too old for this CUDA build)."""
+    asked, cuda = cpu_asked(args), torch.cuda.is_available()
+    if not asked and not cuda and (problem := cuda_problem(False, False, nvidia_gpus(NVIDIA_SIGNS))):
+        raise SetupError(problem)
     # Without CUDA, `accelerate launch --multi_gpu --num_processes N` would start N processes that each
     # train alone (DistributedType.NO); cpu=True makes them one gloo process group.
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     log_with = "tensorboard" if is_tensorboard_available() else None
-    return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(out))
+    return Accelerator(cpu=asked or not cuda, log_with=log_with, project_dir=str(out))
+
+
+@contextlib.contextmanager
+def scaler_saved_once(accelerator: Accelerator):
+    """Accelerate's save_state writes fp16's scaler.pt from every rank to the same path (the other files
+    from the main process, or one per rank); let only the process that writes the others write it."""
+    scaler = accelerator.scaler
+    each_node = accelerator.project_configuration.save_on_each_node
+    writes = accelerator.is_local_main_process if each_node else accelerator.is_main_process
+    if scaler is not None and not writes:
+        accelerator.scaler = None
+    try:
+        yield
+    finally:
+        accelerator.scaler = scaler
+
+
+def load_resume_state(accelerator: Accelerator, resume: Path, state: dict, log: Any) -> None:
+    """accelerator.load_state, across precisions: a checkpoint without scaler.pt (trained in fp32/bf16, or
+    fp16 on a CPU, which has no scaler) resumed in fp16 starts the GradScaler afresh instead of failing with
+    FileNotFoundError; an fp16 checkpoint resumed in another precision leaves its scaler.pt unused."""
+    saved = state.get("mixed_precision", "unrecorded")
+    now = accelerator.mixed_precision
+    scaler = accelerator.scaler
+    fresh = scaler is not None and not (resume / "scaler.pt").is_file()
+    if fresh:
+        accelerator.scaler = None  # so load_state does not look for scaler.pt
+    try:
+        accelerator.load_state(str(resume))  # weights via our hook; optimizer and RNG with weights_only=True
+    finally:
+        accelerator.scaler = scaler
+    if fresh:
+        log(f"note: the checkpoint was trained with mixed precision {saved} and has no loss scale; fp16's "
+            f"GradScaler starts afresh (scale {scaler.get_scale():g}; its first steps may be skipped)")
+    elif saved != now:
+        log(f"note: the checkpoint was trained with mixed precision {saved}; continuing with {now}")
 
 
 def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Run the whole job (every rank calls it); returns this rank's trained model (unwrapped) and the summary."""
-    data, out = Path(args.data), Path(args.out)
+    data, out = remote.location(args.data), Path(args.out)  # a Path, or a URL / pipe: (wds streams it)
     accelerator = make_accelerator(args, out)
-    log = accelerator.print
+    log = main_print(accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
+    args.batch_size = per_process_batch(args, world)
+    kernels = set_backends(args.deterministic, accelerator.device.type == "cuda")
+
     ckpt_dir = out / "checkpoints"
     # Before the first collective of training, every rank's set-up is agreed (fastceleba/distributed.py):
     # a DataError on one rank stops all of them with the same line instead of leaving them waiting.
@@ -353,17 +541,15 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                            world_size=world, num_workers=args.workers, crop=args.crop, **kw)
 
     def set_up() -> tuple:
-        manifest = load_manifest(data)  # DataError naming the fix when there are no shards
+        manifest = remote.read_manifest(data)  # DataError naming the fix when there are no shards
         sizes = {s: split_size(manifest, s) for s in ("train", "valid", "test")}
         if sizes["train"] < args.batch_size * world:
             raise DataError(f"{data / 'manifest.json'}: {sizes['train']} training images are fewer than one step "
                             f"({args.batch_size} x {world} processes); lower --batch-size")
         train_loader = loader("train", shuffle=True, drop_last=True, flip=args.flip)
-        # In order, unaugmented, every image once: the mean image and the attribute vectors. For "cache" this
-        # pass streams with "turbo" (the cache's own decoder) instead of holding the train split twice in memory.
-        plain_train = make_loader("turbo" if args.loader == "cache" else args.loader, str(data), "train",
-                                  args.batch_size, device=accelerator.device, seed=args.seed, rank=rank,
-                                  world_size=world, num_workers=args.workers, crop=args.crop)
+        # In order, unaugmented, every image once: the mean image and the attribute vectors. For "cache" a
+        # view of the split it already holds decoded (no second decode, no second copy).
+        plain_train = train_loader.view() if args.loader == "cache" else loader("train")
         valid_loader = loader("valid") if sizes["valid"] else None
         test_loader = loader("test") if sizes["test"] else None
         return manifest, sizes, train_loader, plain_train, valid_loader, test_loader
@@ -380,6 +566,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     chosen = from_rank0(mine, world)
     resume = agree(rank, world, lambda: check_resume_point(ckpt_dir, chosen, layout.writer))
     state = None if chosen is None else chosen[1]
+    plain_own = None if args.loader == "cache" else plain_train  # a view holds nothing to release
 
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)  # the recipe sets lr before every step
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders are sharded already: never prepared
@@ -392,7 +579,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         # weights via our hook; optimizer and RNG with weights_only=True. A different number of processes
         # resumes too: the weights and Adam state are whole in every checkpoint, each rank loads
         # random_states_<rank>.pkl if there is one, and train.py re-seeds every epoch anyway.
-        agree(rank, world, lambda: accelerator.load_state(str(resume)))
+        agree(rank, world, lambda: load_resume_state(accelerator, resume, state, log))
         start_epoch, step = state["epoch"], state["step"]
         if state.get("recipe", recipe.as_dict()) != recipe.as_dict():
             log(f"note: the recipe differs from the checkpoint's ({state.get('recipe')}); its schedules "
@@ -420,14 +607,18 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
                                                           if isinstance(v, (int, float, str, bool))})
     precision = accelerator.mixed_precision
-    log(f"training {model_desc(args.model, args.latent_dim)} on {world} x {accelerator.device} "
-        f"({accelerator.distributed_type}, mixed precision {precision}), loader {args.loader}, "
-        f"{sizes['train']}/{sizes['valid']}/{sizes['test']} train/valid/test images, "
-        f"{len(train_loader)} steps per epoch, recipe {recipe.name} {recipe.as_dict()}")
     total_steps = args.epochs * len(train_loader)  # not --max-steps: a cut run must follow the same schedule
+    where = "" if accelerator.device.type != "cpu" else (
+        " (asked for)" if cpu_asked(args) else " (no NVIDIA GPU on this machine)")
+    log(f"training {model_desc(args.model, args.latent_dim)} on {world} x {accelerator.device}{where} "
+        f"({accelerator.distributed_type}, mixed precision {precision}, {kernels}), loader {args.loader}, "
+        f"{sizes['train']}/{sizes['valid']}/{sizes['test']} train/valid/test images, "
+        f"global batch {args.batch_size * world} ({world} x {args.batch_size}), {len(train_loader)} steps per "
+        f"epoch, {total_steps} steps in all, recipe {recipe.name} {recipe.as_dict()}")
 
     baseline = None
     last_good = resume
+    skipped_steps = 0
     valid_metrics: dict = {}
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
@@ -435,31 +626,42 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         # The VAE's noise is a function of (seed, epoch, rank), so a resumed run redraws the same noise.
         set_seed(args.seed + 1000 * (epoch + 1), device_specific=True)
         train_loader.set_epoch(epoch)
-        step, steps, train_loss, images, seconds = train_one_epoch(args, accelerator, model, loss_fn, optimizer,
-                                                                   train_loader, epoch, step, recipe,
-                                                                   total_steps, last_good)
+        stats = train_one_epoch(args, accelerator, model, loss_fn, optimizer, train_loader, epoch, step, recipe,
+                                total_steps, last_good)
+        step, steps, train_loss, images, seconds = stats[:5]
+        skipped_steps += stats.skipped
         complete = steps == len(train_loader)  # False when --max-steps cut the epoch
+        # images/s leaves out the first step (loader start-up, compilation, cuDNN autotuning): reported apart
+        # (an epoch of one step has nothing else to count).
+        rest = seconds - stats.first_step_seconds
+        steady = images * (steps - 1) / steps / rest if steps > 1 and rest > 0 else images / seconds
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                                  "lr": recipe.lr_at(step - 1, total_steps),
-                                  "beta": recipe.beta_at(step - 1, total_steps),
-                                  "images_per_s": images / seconds, "seconds": seconds}
+                                  "lr": recipe.lr_at(step - 1, total_steps), "beta": recipe.beta_at(step - 1, total_steps),
+                                  "images_per_s": steady, "first_step_seconds": stats.first_step_seconds,
+                                  "seconds": seconds, "scaler_skipped_steps": stats.skipped}
+        if accelerator.scaler is not None:
+            record["loss_scale"] = accelerator.scaler.get_scale()
         if not complete:
             record["partial"] = True
         last = epoch + 1 == args.epochs or not complete
         if valid_loader and args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
             if baseline is None:
                 baseline = mean_image(plain_train, accelerator)
+                release(plain_own)
             record["valid"] = valid_metrics = evaluate(raw, valid_loader, accelerator, baseline, seed=args.seed)
+            release(valid_loader)
             record["problems"] = health.problems(valid_metrics)
         if complete:
-            last_good = save_checkpoint(accelerator, ckpt_dir, {
-                "epoch": epoch + 1, "step": step, "model": args.model,
-                "latent_dim": args.latent_dim if args.model == "vae" else None, "num_processes": world,
-                "batch_size": args.batch_size, "seed": args.seed, "loader": args.loader,
-                "recipe": recipe.as_dict()}, writer=layout.writer)
+            with scaler_saved_once(accelerator):
+                last_good = save_checkpoint(accelerator, ckpt_dir, {
+                    "epoch": epoch + 1, "step": step, "model": args.model,
+                    "latent_dim": args.latent_dim if args.model == "vae" else None, "num_processes": world,
+                    "batch_size": args.batch_size, "seed": args.seed, "loader": args.loader,
+                    "recipe": recipe.as_dict(), "mixed_precision": precision}, writer=layout.writer)
         log(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss {train_loss:.5g}, "
-            f"{record['images_per_s']:.0f} img/s" + (f"; valid {format_metrics(record['valid'])}"
-                                                     if "valid" in record else ""))
+            f"{record['images_per_s']:.0f} img/s after a first step of {stats.first_step_seconds:.2f} s"
+            + (f", fp16 loss scaler skipped {stats.skipped} of {steps} steps" if stats.skipped else "")
+            + (f"; valid {format_metrics(record['valid'])}" if "valid" in record else ""))
         if accelerator.is_main_process:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -470,16 +672,24 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
             accelerator.log(flat, step=step)
 
     if valid_loader and args.eval_every and not valid_metrics:  # e.g. --resume of a finished run
-        baseline = mean_image(plain_train, accelerator) if baseline is None else baseline
+        if baseline is None:
+            baseline = mean_image(plain_train, accelerator)
+            release(plain_own)
         valid_metrics = evaluate(raw, valid_loader, accelerator, baseline, seed=args.seed)
+        release(valid_loader)
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     summary: dict[str, Any] = {"model": args.model, "latent_dim": args.latent_dim if args.model == "vae" else None,
                                "steps": step, "num_processes": world, "device": str(accelerator.device),
-                               "mixed_precision": precision, "args": vars(args), "recipe": recipe.as_dict(),
-                               "valid": valid_metrics}
+                               "backend": backend, "mixed_precision": precision,
+                               "global_batch_size": args.batch_size * world, "deterministic": args.deterministic,
+                               "scaler_skipped_steps": skipped_steps, "args": vars(args),
+                               "recipe": recipe.as_dict(), "valid": valid_metrics}
     if test_loader and not args.no_test:
         if baseline is None:
             baseline = mean_image(plain_train, accelerator)
+            release(plain_own)
         summary["test"] = evaluate(raw, test_loader, accelerator, baseline, seed=args.seed)
+        release(test_loader)
         log(f"test: {format_metrics(summary['test'])}")
     # The verdict: judged on test when it was evaluated, else on valid.
     judged = "test" if summary.get("test", {}).get("num_samples") else "valid"
@@ -491,6 +701,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     if not args.no_pictures and test_loader:
         summary["pictures"] = make_pictures(args, accelerator, raw, test_loader, plain_train,
                                             manifest.get("attr_names", []), out)
+        release(test_loader, plain_own)
     if accelerator.is_main_process:
         save_pretrained(raw, out, {"image_size": 64, "crop": args.crop, "steps": step})
         write_json(out / "summary.json", summary)
@@ -500,17 +711,27 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     return raw, summary
 
 
+def report(error: Exception) -> None:
+    """One "error:" line. An error every rank raises alike is printed by rank 0 only: Diverged and
+    SetupError (``agreed``: every rank decides them alike) and distributed.AgreedError (``quiet`` on the
+    other ranks); any other (e.g. a DataError met mid-epoch by one rank) by every rank that meets it,
+    since the others may never learn of it."""
+    agreed_elsewhere = getattr(error, "agreed", False) and int(os.environ.get("RANK", "0")) != 0
+    if not (getattr(error, "quiet", False) or agreed_elsewhere):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except DataError as e:
-        if not getattr(e, "quiet", False):  # an error all ranks agreed on is printed by rank 0 only
-            print(f"error: {e}", file=sys.stderr)
+    except (DataError, SetupError) as e:
+        report(e)
         release_group()
         return EXIT_BAD_INPUT
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
+        release_group()
         return EXIT_DIVERGED
     return EXIT_OK
 
