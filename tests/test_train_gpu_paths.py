@@ -305,3 +305,42 @@ def test_data_at_a_url_trains_with_wds_and_other_loaders_refuse(http_data, tmp_p
     proc = run("--data", http_data, "--out", tmp_path / "cache", "--loader", "cache", *FAST)
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1 and "Traceback" not in proc.stderr
     assert "tools/stage.py" in proc.stderr
+
+
+# ------------------------------------------------------------- 5. the saved state is written once
+SAVE_ONCE = """
+import contextlib, sys, torch
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from accelerate import Accelerator
+from fastceleba import train
+from fastceleba.checkpoints import register_weight_hooks, save_checkpoint
+from fastceleba.models import build_model
+out, once = Path(sys.argv[1]), sys.argv[2] == "once"
+acc = Accelerator(cpu=True)
+acc.scaler = torch.amp.GradScaler("cpu")  # fp16's scaler, as Accelerate makes it on CUDA
+model = build_model("ae", 80)
+acc.prepare(model, torch.optim.Adam(model.parameters()))
+register_weight_hooks(acc)
+real_save = torch.save
+def spy(obj, f, *args, **kw):  # note which rank writes scaler.pt
+    if str(f).endswith("scaler.pt"):
+        (out / f"scaler-written-by-rank{acc.process_index}").touch()
+    return real_save(obj, f, *args, **kw)
+torch.save = spy
+with train.scaler_saved_once(acc) if once else contextlib.nullcontext():
+    save_checkpoint(acc, out / "checkpoints", {"epoch": 1, "step": 1, "model": "ae", "latent_dim": None})
+"""
+
+
+def test_fp16_scaler_state_is_written_by_one_process(tmp_path):
+    prog = tmp_path / "save_once.py"
+    prog.write_text(SAVE_ONCE)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    for mode, writers in (("plain", ["scaler-written-by-rank0", "scaler-written-by-rank1"]),
+                          ("once", ["scaler-written-by-rank0"])):
+        out = tmp_path / mode
+        out.mkdir()
+        ok(run(out, mode, ROOT, cmd=[*launcher, str(prog)]))
+        assert sorted(p.name for p in out.glob("scaler-written-by-*")) == writers  # plain: Accelerate's own
+        assert (out / "checkpoints" / "epoch_1" / "scaler.pt").is_file()
