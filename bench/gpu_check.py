@@ -544,8 +544,10 @@ def check_summary(chk: Check, out: Path, text: str, model: str, precision: str, 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"device": summary["device"], "mixed_precision": precision, "loader": summary["args"]["loader"],
             "steps": summary["steps"], "test_psnr": round(summary["test"]["psnr"], 2),
-            # a few steps including start-up (and compilation): a smoke figure, not a benchmark
-            "images_per_s_incl_warmup": round(rows[-1]["images_per_s"]) if rows else None,
+            # a few steps after the first (start-up, compilation: first_step_seconds): a smoke figure
+            "images_per_s": round(rows[-1]["images_per_s"]) if rows else None,
+            "first_step_seconds": rows[-1].get("first_step_seconds") if rows else None,
+            "scaler_skipped_steps": summary.get("scaler_skipped_steps"),
             "test_mse": summary["test"]["mse"], "pictures": summary.get("pictures"), "out": str(out)}
 
 
