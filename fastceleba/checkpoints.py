@@ -12,6 +12,7 @@ decides *when* to save or what a run does with a resumed state: the training loo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -170,3 +171,39 @@ def register_weight_hooks(accelerator: Accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(on_save)
     accelerator.register_load_state_pre_hook(on_load)
+
+
+@contextlib.contextmanager
+def scaler_saved_once(accelerator: Accelerator):
+    """Accelerate's save_state writes fp16's scaler.pt from every rank to the same path (the other files
+    from the main process, or one per rank); let only the process that writes the others write it."""
+    scaler = accelerator.scaler
+    each_node = accelerator.project_configuration.save_on_each_node
+    writes = accelerator.is_local_main_process if each_node else accelerator.is_main_process
+    if scaler is not None and not writes:
+        accelerator.scaler = None
+    try:
+        yield
+    finally:
+        accelerator.scaler = scaler
+
+
+def load_resume_state(accelerator: Accelerator, resume: Path, state: dict, log: Any) -> None:
+    """accelerator.load_state, across precisions: a checkpoint without scaler.pt (trained in fp32/bf16, or
+    fp16 on a CPU, which has no scaler) resumed in fp16 starts the GradScaler afresh instead of failing with
+    FileNotFoundError; an fp16 checkpoint resumed in another precision leaves its scaler.pt unused."""
+    saved = state.get("mixed_precision", "unrecorded")
+    now = accelerator.mixed_precision
+    scaler = accelerator.scaler
+    fresh = scaler is not None and not (resume / "scaler.pt").is_file()
+    if fresh:
+        accelerator.scaler = None  # so load_state does not look for scaler.pt
+    try:
+        accelerator.load_state(str(resume))  # weights via our hook; optimizer and RNG with weights_only=True
+    finally:
+        accelerator.scaler = scaler
+    if fresh:
+        log(f"note: the checkpoint was trained with mixed precision {saved} and has no loss scale; fp16's "
+            f"GradScaler starts afresh (scale {scaler.get_scale():g}; its first steps may be skipped)")
+    elif saved != now:
+        log(f"note: the checkpoint was trained with mixed precision {saved}; continuing with {now}")

@@ -122,3 +122,48 @@ def attribute_edits(model: VAE, x: torch.Tensor, vectors: dict[str, torch.Tensor
         rows.append(model.decode(mu + scale * vec.to(mu)))
         labels.append(f"+{name}")
     return save_rows(rows, path, labels)
+
+
+# Attribute vectors drawn in attributes.png
+PICTURE_ATTRIBUTES = ("Smiling", "Eyeglasses")
+
+
+def write_pictures(args: Any, accelerator: Any, model: torch.nn.Module, test_loader: Any, attr_loader: Any,
+                   attr_names: list[str], out: Path, log: Any) -> list[str]:
+    """Write a run's PNGs into ``out`` (train.py; every rank calls this: the attribute vectors need all
+    ranks); returns the file names. ``args``: train.py's (attr_images, loader, seed); ``log``: one line."""
+    vectors: dict[str, torch.Tensor] = {}
+    if isinstance(model, VAE):
+        found = attribute_vectors(model, attr_loader, accelerator, args.attr_images)
+        if found is None:
+            log(f"note: the {args.loader} loader gives no 'attr' labels; skipping attributes.png")
+        else:
+            vecs, n_with, n_without = found
+            for name in PICTURE_ATTRIBUTES:
+                if name not in attr_names:
+                    log(f"note: the shards have no attribute {name}; attributes.png leaves it out")
+                    continue
+                i = attr_names.index(name)
+                if n_with[i] == 0 or n_without[i] == 0:
+                    log(f"note: no training face {'with' if n_with[i] == 0 else 'without'} {name}; "
+                        f"attributes.png leaves it out")
+                    continue
+                vectors[name] = vecs[i]
+    written: list[str] = []
+    if accelerator.is_main_process:
+        faces = None
+        for batch in test_loader:
+            faces = batch["image"][batch["valid"]][:8]
+            break
+        if faces is None or faces.shape[0] == 0:
+            log("note: the test split is empty; no pictures")
+            return written
+        with accelerator.autocast():
+            written.append(reconstructions(model, faces, out / "reconstructions.png").name)
+            if isinstance(model, VAE):
+                written.append(samples(model, out / "samples.png", seed=args.seed).name)
+                if faces.shape[0] >= 2:
+                    written.append(interpolation(model, faces, out / "interpolation.png").name)
+                if vectors:
+                    written.append(attribute_edits(model, faces, vectors, out / "attributes.png").name)
+    return written

@@ -23,13 +23,10 @@ attributes.png for the VAE) and checkpoints/epoch_N (the last two; --resume cont
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,22 +40,23 @@ if __name__ == "__main__" and not __package__:
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import is_tensorboard_available, parse_flag_from_env, set_seed
+from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from fastceleba import health, pictures, remote
-from fastceleba.checkpoints import (check_resume_point, clear_partial, find_resume, model_desc,
-                                    register_weight_hooks, save_checkpoint)
+from fastceleba.checkpoints import (check_resume_point, clear_partial, find_resume,
+                                    load_resume_state, model_desc, register_weight_hooks,
+                                    save_checkpoint, scaler_saved_once)
 from fastceleba.distributed import agree, from_rank0, node_local_note, out_layout, release_group, same_data
 from fastceleba.errors import DataError
 from fastceleba.files import atomic_write, write_json
 from fastceleba.loaders import KINDS, make_loader
 from fastceleba.metrics import evaluate, mean_image
-from fastceleba.models import VAE, ae_loss, build_model, save_pretrained, vae_loss
+from fastceleba.models import ae_loss, build_model, save_pretrained, vae_loss
 from fastceleba.recipe import DECAYS, INITS, RECIPES, REDUCTIONS, Recipe, initialize, resolve
+from fastceleba.runtime import SetupError, cpu_asked, main_print, make_accelerator, report, set_backends
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
-PICTURE_ATTRIBUTES = ("Smiling", "Eyeglasses")
 
 EPILOG = """\
 mixed precision and devices are Accelerate's: `accelerate launch --mixed_precision bf16 ...` (or
@@ -83,56 +81,6 @@ class Diverged(RuntimeError):
     agreed = True  # every rank raises it: rank 0 alone prints it
 
 
-class SetupError(RuntimeError):
-    """Flags that do not fit this machine or launch (exit 2); every rank decides it alike."""
-    agreed = True
-
-
-# ------------------------------------------------------------------------------------------ device choice
-NVIDIA_SIGNS = ("/proc/driver/nvidia/version", "/dev/nvidia0")
-# The oldest driver branch each CUDA major version's wheels run on (NVIDIA's CUDA toolkit release notes).
-MIN_DRIVER = {13: "R580", 12: "R525", 11: "R450"}
-
-
-def nvidia_gpus(paths: tuple[str, ...] = NVIDIA_SIGNS, smi: str = "nvidia-smi") -> str | None:
-    """The first sign of NVIDIA GPU hardware on this machine (a driver file, a device node, or a GPU
-    listed by ``smi -L``), or None when there is none."""
-    for path in paths:
-        if os.path.exists(path):
-            return path
-    exe = shutil.which(smi)
-    if exe:
-        try:
-            out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
-        if gpus:
-            return f"`{smi} -L`: {gpus[0].strip()}" + (f" (+{len(gpus) - 1})" if len(gpus) > 1 else "")
-    return None
-
-
-def cuda_problem(cpu_asked: bool, cuda_available: bool, gpus: str | None) -> str | None:
-    """Why training must not start (GPUs present but unusable by torch, and the CPU not asked for), or None."""
-    if cpu_asked or cuda_available or not gpus:
-        return None
-    build = torch.version.cuda
-    if build is None:
-        need = f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch"
-    else:
-        major = int(build.split(".")[0])
-        driver = MIN_DRIVER.get(major, "a recent")
-        need = (f"torch {torch.__version__} is built for CUDA {build} and needs an NVIDIA driver {driver} "
-                f"or newer (check `nvidia-smi`; update the driver, or install a torch wheel for an older CUDA)")
-    return (f"NVIDIA GPUs are present ({gpus}) but torch cannot use them: {need}; "
-            f"to train on the CPU anyway pass --cpu (or `accelerate launch --cpu`)")
-
-
-def cpu_asked(args: argparse.Namespace) -> bool:
-    """--cpu, or Accelerate's ACCELERATE_USE_CPU (`accelerate launch --cpu`, `accelerate config`)."""
-    return bool(args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
 def default_loader(cpu: bool = False, data: str = "") -> str:
     """wds for shards at a URL (the one kind that streams); DALI where it is installed and a GPU can decode;
     otherwise the in-memory decoded cache."""
@@ -141,24 +89,6 @@ def default_loader(cpu: bool = False, data: str = "") -> str:
     if not cpu and importlib.util.find_spec("nvidia.dali") is not None and torch.cuda.is_available():
         return "dali"
     return "cache"
-
-
-def set_backends(deterministic: bool, cuda: bool) -> str:
-    """Deterministic kernels (--deterministic), or on CUDA the fast ones: cuDNN's autotuner and TF32
-    matmuls/convolutions. Returns what was set, for the start line."""
-    if deterministic:
-        # cuBLAS needs this before its first handle; harmless on the CPU.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-        return "deterministic kernels"
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # batches have one shape: the autotuner pays once
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return "cudnn.benchmark, TF32"
-    return "default kernels"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -412,110 +342,12 @@ def format_metrics(m: dict) -> str:
     return text
 
 
-def main_print(accelerator: Accelerator):
-    """print, on the main process only: one line per event however many nodes (accelerator.print prints
-    once per node)."""
-    def log(*args: Any) -> None:
-        if accelerator.is_main_process:
-            print(*args, flush=True)
-    return log
-
-
-def make_pictures(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, test_loader: Any,
-                  attr_loader: Any, attr_names: list[str], out: Path) -> list[str]:
-    """Write the PNGs (every rank calls this: the attribute vectors need all ranks); returns the file names."""
-    log = main_print(accelerator)
-    vectors: dict[str, torch.Tensor] = {}
-    if isinstance(model, VAE):
-        found = pictures.attribute_vectors(model, attr_loader, accelerator, args.attr_images)
-        if found is None:
-            log(f"note: the {args.loader} loader gives no 'attr' labels; skipping attributes.png")
-        else:
-            vecs, n_with, n_without = found
-            for name in PICTURE_ATTRIBUTES:
-                if name not in attr_names:
-                    log(f"note: the shards have no attribute {name}; attributes.png leaves it out")
-                    continue
-                i = attr_names.index(name)
-                if n_with[i] == 0 or n_without[i] == 0:
-                    log(f"note: no training face {'with' if n_with[i] == 0 else 'without'} {name}; "
-                        f"attributes.png leaves it out")
-                    continue
-                vectors[name] = vecs[i]
-    written: list[str] = []
-    if accelerator.is_main_process:
-        faces = None
-        for batch in test_loader:
-            faces = batch["image"][batch["valid"]][:8]
-            break
-        if faces is None or faces.shape[0] == 0:
-            log("note: the test split is empty; no pictures")
-            return written
-        with accelerator.autocast():
-            written.append(pictures.reconstructions(model, faces, out / "reconstructions.png").name)
-            if isinstance(model, VAE):
-                written.append(pictures.samples(model, out / "samples.png", seed=args.seed).name)
-                if faces.shape[0] >= 2:
-                    written.append(pictures.interpolation(model, faces, out / "interpolation.png").name)
-                if vectors:
-                    written.append(pictures.attribute_edits(model, faces, vectors, out / "attributes.png").name)
-    return written
-
-
 def release(*loaders: Any) -> None:
     """close() loaders used once in a while: DALI's pipelines keep their device memory until closed, the
     cache its shared host copy; the next iter() sets them up again where needed."""
     for loader in loaders:
         if loader is not None:
             loader.close()
-
-
-def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
-    """The CPU only when asked (--cpu, ACCELERATE_USE_CPU) or when the machine has no NVIDIA GPU at all;
-    SetupError when it has GPUs that torch cannot use (e.g. a driver too old for this CUDA build)."""
-    asked, cuda = cpu_asked(args), torch.cuda.is_available()
-    if not asked and not cuda and (problem := cuda_problem(False, False, nvidia_gpus(NVIDIA_SIGNS))):
-        raise SetupError(problem)
-    # Without CUDA, `accelerate launch --multi_gpu --num_processes N` would start N processes that each
-    # train alone (DistributedType.NO); cpu=True makes them one gloo process group.
-    log_with = "tensorboard" if is_tensorboard_available() else None
-    return Accelerator(cpu=asked or not cuda, log_with=log_with, project_dir=str(out))
-
-
-@contextlib.contextmanager
-def scaler_saved_once(accelerator: Accelerator):
-    """Accelerate's save_state writes fp16's scaler.pt from every rank to the same path (the other files
-    from the main process, or one per rank); let only the process that writes the others write it."""
-    scaler = accelerator.scaler
-    each_node = accelerator.project_configuration.save_on_each_node
-    writes = accelerator.is_local_main_process if each_node else accelerator.is_main_process
-    if scaler is not None and not writes:
-        accelerator.scaler = None
-    try:
-        yield
-    finally:
-        accelerator.scaler = scaler
-
-
-def load_resume_state(accelerator: Accelerator, resume: Path, state: dict, log: Any) -> None:
-    """accelerator.load_state, across precisions: a checkpoint without scaler.pt (trained in fp32/bf16, or
-    fp16 on a CPU, which has no scaler) resumed in fp16 starts the GradScaler afresh instead of failing with
-    FileNotFoundError; an fp16 checkpoint resumed in another precision leaves its scaler.pt unused."""
-    saved = state.get("mixed_precision", "unrecorded")
-    now = accelerator.mixed_precision
-    scaler = accelerator.scaler
-    fresh = scaler is not None and not (resume / "scaler.pt").is_file()
-    if fresh:
-        accelerator.scaler = None  # so load_state does not look for scaler.pt
-    try:
-        accelerator.load_state(str(resume))  # weights via our hook; optimizer and RNG with weights_only=True
-    finally:
-        accelerator.scaler = scaler
-    if fresh:
-        log(f"note: the checkpoint was trained with mixed precision {saved} and has no loss scale; fp16's "
-            f"GradScaler starts afresh (scale {scaler.get_scale():g}; its first steps may be skipped)")
-    elif saved != now:
-        log(f"note: the checkpoint was trained with mixed precision {saved}; continuing with {now}")
 
 
 def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
@@ -701,8 +533,8 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     if found:
         log(summary["health"]["warning"])
     if not args.no_pictures and test_loader:
-        summary["pictures"] = make_pictures(args, accelerator, raw, test_loader, plain_train,
-                                            manifest.get("attr_names", []), out)
+        summary["pictures"] = pictures.write_pictures(args, accelerator, raw, test_loader, plain_train,
+                                                      manifest.get("attr_names", []), out, log)
         release(test_loader, plain_own)
     if accelerator.is_main_process:
         save_pretrained(raw, out, {"image_size": 64, "crop": args.crop, "steps": step})
@@ -711,16 +543,6 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return raw, summary
-
-
-def report(error: Exception) -> None:
-    """One "error:" line. An error every rank raises alike is printed by rank 0 only: Diverged and
-    SetupError (``agreed``: every rank decides them alike) and distributed.AgreedError (``quiet`` on the
-    other ranks); any other (e.g. a DataError met mid-epoch by one rank) by every rank that meets it,
-    since the others may never learn of it."""
-    agreed_elsewhere = getattr(error, "agreed", False) and int(os.environ.get("RANK", "0")) != 0
-    if not (getattr(error, "quiet", False) or agreed_elsewhere):
-        print(f"error: {error}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

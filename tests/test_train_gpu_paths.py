@@ -91,7 +91,7 @@ def accelerate_state():
 
 # ------------------------------------------------------------------------ 1. a broken CUDA install
 def test_gpu_hardware_is_found_by_file_or_nvidia_smi(tmp_path):
-    from fastceleba.train import nvidia_gpus
+    from fastceleba.runtime import nvidia_gpus
 
     sign = tmp_path / "version"
     assert nvidia_gpus(paths=(str(sign),), smi=str(tmp_path / "no-such-smi")) is None
@@ -106,7 +106,7 @@ def test_gpu_hardware_is_found_by_file_or_nvidia_smi(tmp_path):
 
 
 def test_cuda_problem_only_when_gpus_exist_cuda_does_not_and_cpu_was_not_asked():
-    from fastceleba.train import cuda_problem
+    from fastceleba.runtime import cuda_problem
 
     assert cuda_problem(cpu_asked=False, cuda_available=False, gpus=None) is None  # CI: no GPU at all
     assert cuda_problem(cpu_asked=True, cuda_available=False, gpus="/dev/nvidia0") is None
@@ -124,7 +124,7 @@ def test_gpus_that_torch_cannot_use_stop_the_run_unless_cpu_is_asked(data, tmp_p
     sign.write_text("NVRM version: 535.0\n")
     # train.py's own main(), with the driver file it looks for at a path of ours: a machine with an NVIDIA
     # driver whose GPUs this torch cannot use.
-    prog = ("import sys; import fastceleba.train as t; t.NVIDIA_SIGNS = (sys.argv[1],); "
+    prog = ("import sys; import fastceleba.runtime as r, fastceleba.train as t; r.NVIDIA_SIGNS = (sys.argv[1],); "
             "sys.exit(t.main(sys.argv[2:]))")
     cmd = [sys.executable, "-c", prog, str(sign)]
     common = ["--data", data, "--max-steps", "1", "--no-pictures", "--no-test", "--eval-every", "0", *FAST]
@@ -235,7 +235,7 @@ def test_skipped_scaler_steps_are_counted(data, accelerate_state):
 def test_fp16_resume_of_an_fp32_checkpoint_starts_a_fresh_scaler(data, tmp_path, accelerate_state):
     from accelerate import Accelerator
 
-    from fastceleba import train
+    from fastceleba import checkpoints
     from fastceleba.checkpoints import register_weight_hooks
     from fastceleba.models import build_model
 
@@ -258,7 +258,7 @@ def test_fp16_resume_of_an_fp32_checkpoint_starts_a_fresh_scaler(data, tmp_path,
     with pytest.raises(FileNotFoundError, match="scaler.pt"):  # the defect: Accelerate alone
         fp16_like().load_state(str(ckpt))
     acc, lines = fp16_like(), []
-    train.load_resume_state(acc, ckpt, state, lines.append)
+    checkpoints.load_resume_state(acc, ckpt, state, lines.append)
     assert acc.scaler is not None and acc.scaler.get_scale() == 65536.0
     assert len(lines) == 1 and "mixed precision no" in lines[0] and "starts afresh" in lines[0]
     weights = load_file(ckpt / "model.safetensors")
@@ -313,8 +313,7 @@ import contextlib, sys, torch
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from accelerate import Accelerator
-from fastceleba import train
-from fastceleba.checkpoints import register_weight_hooks, save_checkpoint
+from fastceleba.checkpoints import register_weight_hooks, save_checkpoint, scaler_saved_once
 from fastceleba.models import build_model
 out, once = Path(sys.argv[1]), sys.argv[2] == "once"
 acc = Accelerator(cpu=True)
@@ -328,7 +327,7 @@ def spy(obj, f, *args, **kw):  # note which rank writes scaler.pt
         (out / f"scaler-written-by-rank{acc.process_index}").touch()
     return real_save(obj, f, *args, **kw)
 torch.save = spy
-with train.scaler_saved_once(acc) if once else contextlib.nullcontext():
+with scaler_saved_once(acc) if once else contextlib.nullcontext():
     save_checkpoint(acc, out / "checkpoints", {"epoch": 1, "step": 1, "model": "ae", "latent_dim": None})
 """
 
