@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "with --batch-size of this value whatever the number of GPUs")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
                    help="training schedule: 'default' (lr warm-up + cosine decay, KL annealing, per-image loss, "
-                        "He init; keeps more of the VAE's units alive) or 'notebook' (the seed's exact one: Adam "
+                        "zero-sum He init; keeps more of the VAE's units alive) or 'notebook' (the seed's exact one: Adam "
                         "1e-3 constant, beta 1, summed loss). The flags below override single fields of it")
     p.add_argument("--lr", type=float, default=None,
                    help="peak Adam learning rate (default: the recipe's; default 2e-3, notebook 1e-3)")
@@ -125,8 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final-lr", type=float, default=None,
                    help="with cosine/linear decay: the last step's lr as a fraction of the peak (default 0.05)")
     p.add_argument("--init", choices=INITS, default=None,
-                   help="initial weights: PyTorch's defaults ('torch', notebook) or He-normal with zero biases "
-                        "('he') (default: the recipe's)")
+                   help="initial weights: PyTorch's defaults ('torch', notebook), He-normal with zero biases "
+                        "('he'), or He-normal with each ReLU unit's weights summing to 0 ('centred', default) "
+                        "(default: the recipe's)")
     p.add_argument("--latent-dim", type=int, default=80, help="VAE latent size (notebook: 80); the AE has none")
     p.add_argument("--beta", type=float, default=None,
                    help="weight of the VAE's KL term once annealed (default 1, the plain ELBO; other values: "
@@ -137,6 +138,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-reduction", choices=REDUCTIONS, default=None,
                    help="VAE loss backpropagated as the batch 'sum' (notebook) or its mean per 'image' (default: "
                         "same optimum, but gradients fp16 can hold); the AE always uses the notebook's MSE")
+    p.add_argument("--clip-grad-norm", type=float, default=None,
+                   help="clip the global gradient norm to this before each optimizer step, 0: never (default: "
+                        "the recipe's)")
+    p.add_argument("--free-bits", type=float, default=None,
+                   help="VAE: per-latent KL floor in nats, below which the KL term gives no gradient (free bits; "
+                        "0: none; default: the recipe's)")
+    p.add_argument("--adam-eps", type=float, default=None, help="Adam's epsilon (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and the VAE's noise")
     p.add_argument("--cpu", action="store_true",
                    help="train on the CPU even where GPUs exist (also ACCELERATE_USE_CPU=1 or `accelerate launch "
@@ -179,6 +187,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--lr must be a positive number")
     if args.beta is not None and not (args.beta >= 0 and math.isfinite(args.beta)):
         p.error("--beta must be a number >= 0")
+    if args.clip_grad_norm is not None and not (args.clip_grad_norm >= 0 and math.isfinite(args.clip_grad_norm)):
+        p.error("--clip-grad-norm must be a number >= 0")
+    if args.free_bits is not None and not (args.free_bits >= 0 and math.isfinite(args.free_bits)):
+        p.error("--free-bits must be a number >= 0")
+    if args.adam_eps is not None and not (args.adam_eps > 0 and math.isfinite(args.adam_eps)):
+        p.error("--adam-eps must be a positive number")
     if args.final_lr is not None and not 0 <= args.final_lr <= 1:
         p.error("--final-lr must be between 0 and 1")
     args.out = args.out or os.path.join("runs", args.model)
@@ -200,7 +214,8 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
     """The --recipe with the single-field flags applied."""
     return resolve(args.recipe, lr=args.lr, warmup_steps=args.warmup_steps, decay=args.decay,
                    final_lr=args.final_lr, beta=args.beta, kl_warmup_steps=args.kl_warmup_steps,
-                   reduction=args.loss_reduction, init=args.init)
+                   reduction=args.loss_reduction, init=args.init, clip_grad_norm=args.clip_grad_norm,
+                   adam_eps=args.adam_eps, free_bits=args.free_bits)
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
@@ -209,24 +224,30 @@ def split_size(manifest: dict, split: str) -> int:
 
 
 def compute_loss(model: torch.nn.Module, x: torch.Tensor, kind: str, beta: torch.Tensor | float,
-                 reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+                 reduction: str = "sum", free_bits: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, loss to report): the notebook's objectives.
 
     AE: mean squared error (nn.MSELoss). VAE: squared error + beta * KLD per image, backpropagated as
     the batch sum (reduction "sum", the notebook) or the batch mean (reduction "image": the same objective
     divided by the batch size, so gradients stay ~128x smaller and fit fp16); reported per image either
-    way (the notebook printed loss / len(img)).
+    way (the notebook printed loss / len(img)). free_bits > 0 (VAE): each latent's KL, averaged over the
+    batch, is backpropagated as max(KL, free_bits) nats (free bits, Kingma et al. 2016); the loss reported
+    is the unchanged one.
     """
     if kind == "ae":
         loss = ae_loss(model(x), x)
         return loss, loss
     recon, mu, logvar = model(x)
-    total = vae_loss(recon, x, mu, logvar, beta)[0]
+    total, mse, _ = vae_loss(recon, x, mu, logvar, beta)
     per_image = total / x.shape[0]
-    return (per_image if reduction == "image" else total), per_image
+    if free_bits > 0:
+        kl = -0.5 * (1 + logvar.float() - mu.float().pow(2) - logvar.float().exp()).mean(0)  # per latent
+        total = mse + beta * torch.clamp(kl, min=free_bits).sum() * x.shape[0]
+    return (total / x.shape[0] if reduction == "image" else total), per_image
 
 
-def make_loss_fn(model: torch.nn.Module, kind: str, reduction: str = "sum", compile: bool = False):
+def make_loss_fn(model: torch.nn.Module, kind: str, reduction: str = "sum", compile: bool = False,
+                 free_bits: float = 0.0):
     """(x, beta) -> compute_loss(model, x, kind, beta, reduction), beta a 0-d tensor (so a changing KL weight
     never recompiles); with compile=True, model and loss go through torch.compile together.
 
@@ -238,7 +259,7 @@ def make_loss_fn(model: torch.nn.Module, kind: str, reduction: str = "sum", comp
     both measured). Either way the training loader keeps drop_last=True: a smaller last batch would
     recompile."""
     def loss_fn(x: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return compute_loss(model, x, kind, beta, reduction)
+        return compute_loss(model, x, kind, beta, reduction, free_bits)
 
     return torch.compile(loss_fn) if compile else loss_fn
 
@@ -299,6 +320,8 @@ def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: t
             loss, shown = loss_fn(x, beta)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
+            if recipe.clip_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
             optimizer.step()
             # Gradients are all-reduced first, so every rank skips the same steps.
             skipped += accelerator.optimizer_step_was_skipped
@@ -402,10 +425,11 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     state = None if chosen is None else chosen[1]
     plain_own = None if args.loader == "cache" else plain_train  # a view holds nothing to release
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)  # the recipe sets lr before every step
+    # the recipe sets lr before every step
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, eps=recipe.adam_eps)
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders are sharded already: never prepared
     raw = accelerator.unwrap_model(model)
-    loss_fn = make_loss_fn(model, args.model, recipe.reduction, args.compile)
+    loss_fn = make_loss_fn(model, args.model, recipe.reduction, args.compile, recipe.free_bits)
     register_weight_hooks(accelerator)
 
     start_epoch, step = 0, 0

@@ -124,3 +124,48 @@ def test_recipe_schedules():
     lin = resolve("default", decay="linear", final_lr=0.0, warmup_steps=0)
     assert lin.lr_at(0, 11) == pytest.approx(DEFAULT.lr) and lin.lr_at(10, 11) == pytest.approx(0.0)
     assert resolve("notebook", lr=None).lr == 1e-3  # None leaves the recipe's value
+
+
+def test_recipe_clipping_and_adam_eps_flags():
+    from fastceleba.train import parse_args, recipe_of
+    assert NOTEBOOK.clip_grad_norm == 0 and NOTEBOOK.adam_eps == 1e-8  # the notebook: no clipping, Adam's eps
+    d = ["--data", "shards"]
+    r = recipe_of(parse_args(d + ["--clip-grad-norm", "5", "--adam-eps", "1e-6"]))
+    assert r.clip_grad_norm == 5 and r.adam_eps == 1e-6 and r.lr == DEFAULT.lr
+    assert recipe_of(parse_args(d + ["--recipe", "notebook", "--clip-grad-norm", "0"])).clip_grad_norm == 0
+    assert recipe_of(parse_args(d + ["--free-bits", "0.5"])).free_bits == 0.5 and NOTEBOOK.free_bits == 0
+    for bad in (["--clip-grad-norm", "-1"], ["--adam-eps", "0"], ["--free-bits", "-0.1"]):
+        with pytest.raises(SystemExit):
+            parse_args(d + bad)
+
+
+def test_free_bits_floor_the_kl_gradient_but_not_the_reported_loss():
+    from fastceleba.train import compute_loss
+    torch.manual_seed(0)
+    model, x = VAE(latent_dim=8), torch.rand(4, 3, 64, 64)
+    torch.manual_seed(1)
+    plain = compute_loss(model, x, "vae", 1.0, "image")
+    torch.manual_seed(1)
+    floored = compute_loss(model, x, "vae", 1.0, "image", free_bits=100.0)
+    assert floored[1] == plain[1]  # the same reported loss
+    torch.manual_seed(1)
+    no_kl = compute_loss(model, x, "vae", 0.0, "image")
+    # every latent's KL is under a 100-nat floor: the KL term is a constant, 8 latents x 100 nats
+    assert floored[0].item() == pytest.approx(no_kl[0].item() + 800.0, rel=1e-5)
+
+
+def test_centred_init_gives_every_relu_unit_zero_sum_weights():
+    from fastceleba.recipe import initialize
+    torch.manual_seed(0)
+    model = initialize(VAE(latent_dim=8), "centred")
+    layers = health.relu_layers(model)
+    assert layers  # the layers feeding a ReLU
+    for name, layer in layers.items():
+        w = layer.weight.transpose(0, 1) if isinstance(layer, torch.nn.ConvTranspose2d) else layer.weight
+        assert w.flatten(1).sum(1).abs().max() < 1e-4, name
+        assert (layer.bias == 0).all()
+    conv1 = model.enc_conv1.weight
+    fan_in = conv1[0].numel()
+    assert conv1.var().item() == pytest.approx(2 / fan_in, rel=0.2)  # He's variance kept
+    # images are >= 0: a flat grey image gives every first-layer unit a pre-activation of 0, not +-level
+    assert model.enc_conv1(torch.full((1, 3, 64, 64), 0.5))[..., 2:-2, 2:-2].abs().max() < 1e-4
