@@ -135,5 +135,6 @@ def problems(metrics: dict) -> list[str]:
 def warning_line(found: list[str], split: str, recipe: str) -> str:
     """The one line a collapsed run prints: what happened and what to try."""
     fix = ("train with the default recipe (drop --recipe notebook)" if recipe == "notebook" else
-           "lower --lr or lengthen --warmup-steps / --kl-warmup-steps, or try another --seed")
+           "lengthen --warmup-steps / --kl-warmup-steps, add --free-bits or --clip-grad-norm, or try "
+           "another --seed (a lower --lr made it worse in the README's measurements)")
     return f"warning: the model collapsed on the {split} split: {'; '.join(found)}. Try: {fix}."

@@ -83,8 +83,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Any, b
                     mu, logvar = model.encode(x)
                     recon = model.decode(mu)
                 mu, logvar = mu.float(), logvar.float()
-                eps = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
-                sampled = model.decode(mu + eps * torch.exp(0.5 * logvar))
+                sampled = model.decode(model.reparameterize(mu, logvar, generator=gen))
             else:
                 with probe:
                     recon = model(x)

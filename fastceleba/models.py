@@ -80,9 +80,12 @@ class VAE(nn.Module):
         self.dec_conv2 = nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1)
         self.dec_conv3 = nn.ConvTranspose2d(16, 3, 3, stride=2, padding=1, output_padding=1)
 
-    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mu + eps * std, eps ~ N(0, I) (from ``generator`` when given, e.g. evaluation's own)."""
         std = torch.exp(0.5 * logvar.float())  # float32 whatever autocast's policy for exp
-        eps = torch.randn_like(std)
+        eps = torch.randn_like(std) if generator is None else torch.randn(
+            std.shape, generator=generator, device=std.device, dtype=std.dtype)
         return (mu.float() + eps * std).clamp(-Z_MAX, Z_MAX)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
