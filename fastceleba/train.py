@@ -53,7 +53,8 @@ from fastceleba.files import atomic_write, write_json
 from fastceleba.loaders import KINDS, make_loader
 from fastceleba.metrics import evaluate, mean_image
 from fastceleba.models import ae_loss, build_model, save_pretrained, vae_loss
-from fastceleba.recipe import DECAYS, INITS, RECIPES, REDUCTIONS, Recipe, initialize, resolve
+from fastceleba.recipe import (Recipe, add_recipe_arguments, centralize_gradients, check_recipe_arguments,
+                               initialize, recipe_from_args, set_output_bias)
 from fastceleba.runtime import SetupError, cpu_asked, main_print, make_accelerator, report, set_backends
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
@@ -112,39 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="images per optimizer step over all processes, divided among them (must be a "
                             "multiple of the number of processes): keeps the optimisation of a 1-process run "
                             "with --batch-size of this value whatever the number of GPUs")
-    p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
-                   help="training schedule: 'default' (lr warm-up + cosine decay, KL annealing, per-image loss, "
-                        "zero-sum He init; keeps more of the VAE's units alive) or 'notebook' (the seed's exact one: Adam "
-                        "1e-3 constant, beta 1, summed loss). The flags below override single fields of it")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak Adam learning rate (default: the recipe's; default 2e-3, notebook 1e-3)")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="steps of linear learning-rate warm-up (default: the recipe's; default 100, notebook 0)")
-    p.add_argument("--decay", choices=DECAYS, default=None,
-                   help="learning rate after warm-up (default: the recipe's; default cosine, notebook constant)")
-    p.add_argument("--final-lr", type=float, default=None,
-                   help="with cosine/linear decay: the last step's lr as a fraction of the peak (default 0.05)")
-    p.add_argument("--init", choices=INITS, default=None,
-                   help="initial weights: PyTorch's defaults ('torch', notebook), He-normal with zero biases "
-                        "('he'), or He-normal with each ReLU unit's weights summing to 0 ('centred', default) "
-                        "(default: the recipe's)")
     p.add_argument("--latent-dim", type=int, default=80, help="VAE latent size (notebook: 80); the AE has none")
-    p.add_argument("--beta", type=float, default=None,
-                   help="weight of the VAE's KL term once annealed (default 1, the plain ELBO; other values: "
-                        "beta-VAE)")
-    p.add_argument("--kl-warmup-steps", type=int, default=None,
-                   help="steps over which the KL weight rises linearly from 0 to --beta (default: the recipe's; "
-                        "default 200, notebook 0)")
-    p.add_argument("--loss-reduction", choices=REDUCTIONS, default=None,
-                   help="VAE loss backpropagated as the batch 'sum' (notebook) or its mean per 'image' (default: "
-                        "same optimum, but gradients fp16 can hold); the AE always uses the notebook's MSE")
-    p.add_argument("--clip-grad-norm", type=float, default=None,
-                   help="clip the global gradient norm to this before each optimizer step, 0: never (default: "
-                        "the recipe's)")
-    p.add_argument("--free-bits", type=float, default=None,
-                   help="VAE: per-latent KL floor in nats, below which the KL term gives no gradient (free bits; "
-                        "0: none; default: the recipe's)")
-    p.add_argument("--adam-eps", type=float, default=None, help="Adam's epsilon (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and the VAE's noise")
     p.add_argument("--cpu", action="store_true",
                    help="train on the CPU even where GPUs exist (also ACCELERATE_USE_CPU=1 or `accelerate launch "
@@ -173,28 +142,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-test", action="store_true",
                    help="skip the final test evaluation (for model selection, e.g. tools/sweep.py)")
     p.add_argument("--no-pictures", action="store_true", help="write no PNG pictures")
+    add_recipe_arguments(p)
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "global_batch_size", "latent_dim", "log_every", "workers", "eval_every", "attr_images",
-                 "warmup_steps", "kl_warmup_steps"):
+    for name in ("epochs", "batch_size", "global_batch_size", "latent_dim", "log_every", "workers", "eval_every",
+                 "attr_images"):
         if getattr(args, name) is None:
             continue
-        minimum = 0 if name in ("workers", "eval_every", "attr_images", "warmup_steps", "kl_warmup_steps") else 1
+        minimum = 0 if name in ("workers", "eval_every", "attr_images") else 1
         if getattr(args, name) < minimum:
             p.error(f"--{name.replace('_', '-')} must be >= {minimum}")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be >= 1")
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        p.error("--lr must be a positive number")
-    if args.beta is not None and not (args.beta >= 0 and math.isfinite(args.beta)):
-        p.error("--beta must be a number >= 0")
-    if args.clip_grad_norm is not None and not (args.clip_grad_norm >= 0 and math.isfinite(args.clip_grad_norm)):
-        p.error("--clip-grad-norm must be a number >= 0")
-    if args.free_bits is not None and not (args.free_bits >= 0 and math.isfinite(args.free_bits)):
-        p.error("--free-bits must be a number >= 0")
-    if args.adam_eps is not None and not (args.adam_eps > 0 and math.isfinite(args.adam_eps)):
-        p.error("--adam-eps must be a positive number")
-    if args.final_lr is not None and not 0 <= args.final_lr <= 1:
-        p.error("--final-lr must be between 0 and 1")
+    check_recipe_arguments(p, args)
     args.out = args.out or os.path.join("runs", args.model)
     args.loader = args.loader or default_loader(cpu_asked(args), args.data)
     return args
@@ -208,14 +167,6 @@ def per_process_batch(args: argparse.Namespace, world: int) -> int:
         raise SetupError(f"--global-batch-size {args.global_batch_size} is not a multiple of the {world} "
                          f"processes; use e.g. {max(world, args.global_batch_size // world * world)}")
     return args.global_batch_size // world
-
-
-def recipe_of(args: argparse.Namespace) -> Recipe:
-    """The --recipe with the single-field flags applied."""
-    return resolve(args.recipe, lr=args.lr, warmup_steps=args.warmup_steps, decay=args.decay,
-                   final_lr=args.final_lr, beta=args.beta, kl_warmup_steps=args.kl_warmup_steps,
-                   reduction=args.loss_reduction, init=args.init, clip_grad_norm=args.clip_grad_norm,
-                   adam_eps=args.adam_eps, free_bits=args.free_bits)
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
@@ -314,12 +265,16 @@ def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: t
               dynamic_ncols=True, disable=not accelerator.is_main_process) as bar:
         for batch in loader:
             x = batch["image"]
+            if step == 0 and recipe.output_bias == "mean":  # a fresh run's first batch, over all ranks
+                set_output_bias(model, accelerator.reduce(x.float().mean((0, 2, 3)), reduction="mean"))
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr_at(step, total_steps)
             beta = torch.tensor(recipe.beta_at(step, total_steps), device=x.device)
             loss, shown = loss_fn(x, beta)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
+            if recipe.grad_centralization:
+                centralize_gradients(model)
             if recipe.clip_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
             optimizer.step()
@@ -388,9 +343,9 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     layout = out_layout(rank, world, accelerator.is_local_main_process, ckpt_dir)
     accelerator.project_configuration.save_on_each_node = layout.per_node
 
-    recipe = recipe_of(args)
+    recipe = recipe_from_args(args)
     set_seed(args.seed)  # the same initial weights on every rank
-    model = initialize(build_model(args.model, args.latent_dim), recipe.init)
+    model = initialize(build_model(args.model, args.latent_dim), recipe.init, recipe.logvar_bias)
 
     def loader(split: str, **kw: Any) -> Any:
         kw.setdefault("batch_size", args.batch_size)

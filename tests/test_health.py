@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from fastceleba import health
 from fastceleba.metrics import evaluate
 from fastceleba.models import VAE, Autoencoder
-from fastceleba.recipe import DEFAULT, NOTEBOOK, Recipe, resolve
+from fastceleba.recipe import DEFAULT_AE, DEFAULT_VAE, NOTEBOOK, Recipe, resolve
 
 
 @pytest.fixture(scope="module")
@@ -121,20 +121,27 @@ def test_recipe_schedules():
     assert r.beta_at(0, 110) == pytest.approx(0.05) and r.beta_at(19, 110) == 1.0 and r.beta_at(500, 110) == 1.0
     assert r.warmups(20) == (6, 12) and r.lr_at(5, 20) == pytest.approx(1.0)  # short runs: capped warm-ups
     assert r.beta_at(11, 20) == 1.0
-    lin = resolve("default", decay="linear", final_lr=0.0, warmup_steps=0)
-    assert lin.lr_at(0, 11) == pytest.approx(DEFAULT.lr) and lin.lr_at(10, 11) == pytest.approx(0.0)
-    assert resolve("notebook", lr=None).lr == 1e-3  # None leaves the recipe's value
+    lin = resolve("default", "vae", decay="linear", final_lr=0.0, warmup_steps=0)
+    assert lin.lr_at(0, 11) == pytest.approx(DEFAULT_VAE.lr) and lin.lr_at(10, 11) == pytest.approx(0.0)
+    assert resolve("notebook", "vae", lr=None).lr == 1e-3  # None leaves the recipe's value
+    # one recipe name, a schedule per model: the AE's faster one, the notebook's the same for both
+    assert resolve("default", "ae") == DEFAULT_AE and DEFAULT_AE.lr > DEFAULT_VAE.lr
+    assert resolve("notebook", "ae") == resolve("notebook", "vae") == NOTEBOOK
 
 
 def test_recipe_clipping_and_adam_eps_flags():
-    from fastceleba.train import parse_args, recipe_of
+    from fastceleba.recipe import recipe_from_args as recipe_of
+    from fastceleba.train import parse_args
     assert NOTEBOOK.clip_grad_norm == 0 and NOTEBOOK.adam_eps == 1e-8  # the notebook: no clipping, Adam's eps
     d = ["--data", "shards"]
     r = recipe_of(parse_args(d + ["--clip-grad-norm", "5", "--adam-eps", "1e-6"]))
-    assert r.clip_grad_norm == 5 and r.adam_eps == 1e-6 and r.lr == DEFAULT.lr
+    assert r.clip_grad_norm == 5 and r.adam_eps == 1e-6 and r.lr == DEFAULT_VAE.lr
+    assert recipe_of(parse_args(d + ["--model", "ae"])) == DEFAULT_AE
+    assert recipe_of(parse_args(d + ["--logvar-bias", "-3", "--output-bias", "init"])).logvar_bias == -3
     assert recipe_of(parse_args(d + ["--recipe", "notebook", "--clip-grad-norm", "0"])).clip_grad_norm == 0
     assert recipe_of(parse_args(d + ["--free-bits", "0.5"])).free_bits == 0.5 and NOTEBOOK.free_bits == 0
-    for bad in (["--clip-grad-norm", "-1"], ["--adam-eps", "0"], ["--free-bits", "-0.1"]):
+    for bad in (["--clip-grad-norm", "-1"], ["--adam-eps", "0"], ["--free-bits", "-0.1"], ["--logvar-bias", "nan"],
+                ["--output-bias", "zero"]):
         with pytest.raises(SystemExit):
             parse_args(d + bad)
 
@@ -169,3 +176,68 @@ def test_centred_init_gives_every_relu_unit_zero_sum_weights():
     assert conv1.var().item() == pytest.approx(2 / fan_in, rel=0.2)  # He's variance kept
     # images are >= 0: a flat grey image gives every first-layer unit a pre-activation of 0, not +-level
     assert model.enc_conv1(torch.full((1, 3, 64, 64), 0.5))[..., 2:-2, 2:-2].abs().max() < 1e-4
+
+
+def test_logvar_bias_sets_the_posteriors_initial_variance():
+    from fastceleba.models import Autoencoder
+    from fastceleba.recipe import initialize
+    torch.manual_seed(0)
+    model = initialize(VAE(latent_dim=8), "centred", logvar_bias=-6.0)
+    assert (model.fc_logvar.bias == -6.0).all() and (model.fc_mu.bias == 0).all()
+    _, logvar = model.encode(torch.rand(4, 3, 64, 64))
+    assert logvar.mean().item() == pytest.approx(-6.0, abs=0.5)  # sigma ~0.05 at step 0, not 1
+    # "torch" keeps PyTorch's weights but still takes the bias; the AE has no posterior
+    torch.manual_seed(0)
+    torch_init = initialize(VAE(latent_dim=8), "torch", logvar_bias=-6.0)
+    torch.manual_seed(0)
+    assert torch.equal(torch_init.fc_mu.weight, VAE(latent_dim=8).fc_mu.weight)
+    assert (torch_init.fc_logvar.bias == -6.0).all()
+    initialize(Autoencoder(), "centred", logvar_bias=-6.0)
+
+
+@pytest.mark.parametrize("name", ["vae", "ae"])
+def test_output_bias_starts_reconstructions_at_the_mean_colour(name):
+    from fastceleba.models import build_model
+    from fastceleba.recipe import initialize, set_output_bias
+    torch.manual_seed(0)
+    model = initialize(build_model(name, 8), "centred", logvar_bias=-6.0)
+    x = torch.rand(16, 3, 64, 64) * torch.tensor([0.9, 0.5, 0.1]).view(1, 3, 1, 1)  # mean colour 0.45/0.25/0.05
+    target = x.mean((0, 2, 3))
+
+    def first_output_colour():
+        with torch.no_grad():
+            out = model(x)
+        return (out[0] if isinstance(out, tuple) else out).mean((0, 2, 3))
+
+    before = (first_output_colour() - target).abs().max()
+    set_output_bias(model, target)
+    last = model.dec_conv3 if name == "vae" else model.decoder[-2]
+    assert torch.allclose(last.bias, torch.logit(target))
+    after = (first_output_colour() - target).abs().max()
+    assert before > 0.15 and after < 0.05, (before, after)  # from ~0.5 grey to the data's colour
+
+
+def test_gradient_centralization_keeps_the_weight_sum_of_units_with_rectified_inputs():
+    from fastceleba.recipe import centralize_gradients, initialize, rectified_input_layers
+    from fastceleba.train import compute_loss
+    torch.manual_seed(0)
+    model = initialize(VAE(latent_dim=8), "centred", logvar_bias=-6.0)
+    x = torch.rand(4, 3, 64, 64)
+    compute_loss(model, x, "vae", 1.0, "image")[0].backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    centralize_gradients(model)
+    layers = rectified_input_layers(model)
+    assert sorted(layers) == ["dec_conv2", "enc_conv1", "enc_conv2", "enc_conv3"]  # dec_conv1 takes dec_fc(z)
+    for name, layer in layers.items():
+        g = layer.weight.grad.transpose(0, 1) if isinstance(layer, torch.nn.ConvTranspose2d) else layer.weight.grad
+        assert g.flatten(1).sum(1).abs().max() < 1e-5 * before[f"{name}.weight"].abs().sum(), name
+        assert not torch.equal(layer.weight.grad, before[f"{name}.weight"])  # it did change something
+        assert torch.equal(layer.bias.grad, before[f"{name}.bias"])  # biases keep moving the level
+    for name in ("fc_mu.weight", "fc_logvar.weight", "dec_fc.weight", "dec_conv1.weight", "dec_conv3.weight"):
+        assert torch.equal(dict(model.named_parameters())[name].grad, before[name]), name
+    # plain gradient steps then keep the centred init's zero sums exactly
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.weight -= 0.1 * layer.weight.grad
+    conv3 = model.enc_conv3.weight
+    assert conv3.flatten(1).sum(1).abs().max() < 1e-4

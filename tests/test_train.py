@@ -286,3 +286,16 @@ def test_sweep_chooses_on_valid_and_reports_test(data, tmp_path):
     with Image.open(out / "sweep.png") as img:
         img.verify()
     assert "best by valid neg_elbo" in proc.stdout
+
+
+def test_vae_default_starts_at_the_first_batchs_mean_colour(data, tmp_path):
+    """--output-bias mean (the VAE's default): before step 0 the last layer's bias becomes the logit of
+    the first training batch's mean colour (lr ~0 keeps it there for the check)."""
+    from fastceleba.loaders import make_loader
+    out = tmp_path / "bias"
+    ok(run("--data", data, "--out", out, "--max-steps", "1", "--lr", "1e-12", "--no-pictures", "--no-test", *FAST))
+    first = next(iter(make_loader("cache", data, "train", 8, shuffle=True, seed=0, drop_last=True, num_workers=1,
+                                  progress=False)))
+    model, _ = load_pretrained(out)
+    assert torch.allclose(model.dec_conv3.bias, torch.logit(first["image"].mean((0, 2, 3))), atol=1e-5)
+    assert json.loads((out / "summary.json").read_text())["recipe"]["output_bias"] == "mean"

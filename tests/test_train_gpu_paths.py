@@ -211,9 +211,10 @@ def test_skipped_scaler_steps_are_counted(data, accelerate_state):
     from fastceleba import train
     from fastceleba.loaders import make_loader
     from fastceleba.models import build_model
+    from fastceleba.recipe import recipe_from_args
 
     args = train.parse_args(["--data", str(data), "--epochs", "1", "--log-every", "5", *FAST])
-    recipe = train.recipe_of(args)
+    recipe = recipe_from_args(args)
     accelerator = Accelerator(cpu=True)
     # What Accelerate does under fp16 on CUDA, on the CPU: a real GradScaler whose first scale (2^127)
     # overflows the scaled gradients to inf, so it skips steps, halving the scale each time, as fp16 does
