@@ -41,13 +41,13 @@ class Recipe:
     beta: float = 1.0             # KL weight once annealed (1: the ELBO)
     kl_warmup_steps: int = 0      # beta rises linearly from beta/kl_warmup_steps to beta over this many steps
     reduction: str = "sum"        # VAE loss backpropagated as the batch "sum" (notebook) or per "image" mean
-    init: str = "torch"           # weights: PyTorch's defaults (notebook) or "he": He-normal, zero biases
+    init: str = "torch"           # weights: PyTorch's defaults (notebook), "he" or "centred" (see initialize)
     clip_grad_norm: float = 0.0   # clip the global gradient norm to this before each step (0: never)
     free_bits: float = 0.0        # VAE: per-latent KL floor in nats (free bits, Kingma et al. 2016; 0: none)
     adam_eps: float = 1e-8        # Adam's epsilon (PyTorch's default 1e-8)
     logvar_bias: float | None = None  # VAE: initial fc_logvar bias, the posterior's log-variance (None: init's)
     output_bias: str = "init"     # last layer's bias: the init's, or "mean": the first batch's mean colour
-    grad_centralization: bool = False  # centre each ReLU unit's weight gradient over its inputs before a step
+    grad_centralization: bool = False  # centre the weight gradients of units with inputs >= 0 before a step
 
     def warmups(self, total_steps: int) -> tuple[int, int]:
         """(lr warm-up, KL warm-up) in steps for a run of total_steps: the recipe's, but at most
@@ -89,7 +89,8 @@ NOTEBOOK = Recipe("notebook")
 DEFAULT_VAE = Recipe("default", lr=2e-3, warmup_steps=100, decay="cosine", final_lr=0.05, kl_warmup_steps=200,
                      reduction="image", init="centred", logvar_bias=-6.0, output_bias="mean",
                      grad_centralization=True)
-DEFAULT_AE = replace(DEFAULT_VAE, lr=6e-3, warmup_steps=30, output_bias="init", grad_centralization=False)
+DEFAULT_AE = replace(DEFAULT_VAE, lr=6e-3, warmup_steps=30, logvar_bias=None, output_bias="init",
+                     grad_centralization=False)
 RECIPES = {"default": {"ae": DEFAULT_AE, "vae": DEFAULT_VAE}, "notebook": {"ae": NOTEBOOK, "vae": NOTEBOOK}}
 
 
