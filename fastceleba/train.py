@@ -9,8 +9,10 @@ Accelerate:
     accelerate launch --multi_gpu --num_processes 4 fastceleba/train.py --data shards
 
 The default recipe (--recipe default) trains the notebook's layers with a learning-rate warm-up and
-cosine decay, KL annealing and a per-image loss; --recipe notebook is the seed's exact schedule (Adam
-1e-3 constant, beta 1, the VAE's loss summed over the batch). See fastceleba/recipe.py.
+cosine decay, KL annealing, a per-image loss, a zero-sum He init and, for the VAE, a small initial
+posterior variance, a mean-colour output bias and gradient centralization; --recipe notebook is the
+seed's exact schedule (Adam 1e-3 constant, beta 1, the VAE's loss summed over the batch). See
+fastceleba/recipe.py.
 
 It writes into --out: metrics.jsonl (one JSON line per epoch: train loss, lr, beta, images/s after the
 first step and that step's seconds apart, steps fp16's loss scaler skipped, valid metrics and model
