@@ -167,9 +167,9 @@ def rectified_input_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def centralize_gradients(model: nn.Module) -> None:
     """Gradient centralization (Yong et al. 2020, ECCV) on every layer that feeds a ReLU and takes inputs
-    >= 0 (rectified_input_layers): subtract from
-    each output unit's weight gradient its mean over the unit's inputs, so a step never moves the sum of a
-    unit's weights (the centred init's zero stays zero, up to Adam's per-weight scaling).
+    >= 0 (rectified_input_layers): subtract from each output unit's weight gradient its mean over the
+    unit's inputs, so a gradient step never moves the sum of a unit's weights (Adam's per-weight scaling
+    moves it only a little: the centred init's zero stays near zero).
 
     Why here: these layers' inputs are all >= 0, so when a unit should be less active on average, every
     one of its weights gets a gradient of the same sign, and Adam, which moves each weight by ~lr whatever
@@ -194,7 +194,7 @@ def resolve(name: str, model: str, **overrides) -> Recipe:
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """--recipe and one flag per field of it (each None unless given: the recipe's value stands)."""
     def both(field: str, fmt: str = "g") -> str:
-        """The field's value in each recipe, e.g. "default: AE 0.006, VAE 0.002; notebook 0.001"."""
+        """The field's value in each recipe, e.g. "default: AE 0.006, VAE 0.003; notebook 0.001"."""
         ae, vae, nb = (format(getattr(r, field), fmt) for r in (DEFAULT_AE, DEFAULT_VAE, NOTEBOOK))
         return f"default: {ae if ae == vae else f'AE {ae}, VAE {vae}'}; notebook {nb}"
 
@@ -202,9 +202,10 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         "training recipe", "--recipe picks a whole schedule; each flag below replaces one field of it "
                            "(see fastceleba/recipe.py and the README's measurements)")
     g.add_argument("--recipe", choices=tuple(RECIPES), default="default",
-                   help="'default': lr warm-up + cosine decay, KL annealing, per-image loss, zero-sum He init, "
-                        "small initial posterior variance; 'notebook': the seed's exact schedule (Adam 1e-3 "
-                        "constant, beta 1, summed loss, PyTorch's init)")
+                   help="'default': lr warm-up + cosine decay, KL annealing, per-image loss, zero-sum He init; "
+                        "for the VAE also a small initial posterior variance, a mean-colour output bias and "
+                        "gradient centralization; 'notebook': the seed's exact schedule (Adam 1e-3 constant, "
+                        "beta 1, summed loss, PyTorch's init)")
     g.add_argument("--lr", type=float, help=f"peak Adam learning rate ({both('lr')})")
     g.add_argument("--warmup-steps", type=int,
                    help=f"steps of linear learning-rate warm-up, at most 30%% of the run ({both('warmup_steps', 'd')})")
