@@ -12,7 +12,6 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
 
 from fastceleba.files import atomic_path
 from fastceleba.models import VAE
@@ -22,6 +21,8 @@ PAD = 2
 
 def save_rows(rows: Sequence[torch.Tensor], path: str | os.PathLike, labels: Sequence[str] | None = None) -> Path:
     """Save equally long rows of images (each N x 3 x H x W in [0, 1]) as one PNG grid, labels on the left."""
+    from torchvision.utils import make_grid  # here, not at the top: torchvision adds ~1 s to train.py's start-up
+
     ncol = rows[0].shape[0]
     grid = make_grid(torch.cat([r.detach().float().cpu().clamp(0, 1) for r in rows]), nrow=ncol,
                      padding=PAD, pad_value=1.0)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from torchvision.transforms import functional as TF
 
 
 def resize_crop(img: Image.Image, size: int = 64, crop: int | None = None) -> Image.Image:
     """The reference transform on a PIL image (torchvision's own functions, as the notebook)."""
+    # Imported here: torchvision costs ~1 s of start-up that the loaders which never call this don't need.
+    from torchvision.transforms import functional as TF
+
     if crop is not None:
         img = TF.center_crop(img, [crop, crop])
     img = TF.resize(img, size)
