@@ -16,8 +16,9 @@ Every number is computed over all pixels of all evaluated images (pixel values i
   decode(mu), the same one the pictures show.
 - ``psnr_gain``: psnr - baseline_psnr, dB the model is worth over the mean image.
 - Health (see fastceleba.health): ``dead_fraction`` {ReLU layer: fraction of units never positive on
-  the split}, ``dead_channel_fraction`` {layer: fraction of channels all of whose units are dead};
-  VAE only: ``active_units`` of ``latent_dim`` (Var over the split of mu above 0.01).
+  the split; the VAE's decoder layers on the z ~ q(z|x) draw, their training input},
+  ``dead_channel_fraction`` {layer: fraction of channels all of whose units are dead}; VAE only:
+  ``active_units`` of ``latent_dim`` (Var over the split of mu above 0.01).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Any, b
             if is_vae:
                 with probe:
                     mu, logvar = model.encode(x)
-                    recon = model.decode(mu)
+                recon = model.decode(mu)
                 mu, logvar = mu.float(), logvar.float()
-                sampled = model.decode(model.reparameterize(mu, logvar, generator=gen))
+                with probe:  # the decoder's units on what it trains on: z drawn from q(z|x), not its mean alone
+                    sampled = model.decode(model.reparameterize(mu, logvar, generator=gen))
             else:
                 with probe:
                     recon = model(x)

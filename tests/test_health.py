@@ -60,6 +60,22 @@ def test_known_dead_channels_are_counted_exactly(accelerator):
 
 
 @torch.no_grad()
+def test_vae_decoder_units_are_judged_on_posterior_draws(accelerator):
+    """A dec_conv1 unit that is negative on the mean decode z = mu but fires on z ~ q(z|x), the decoder's
+    training input, gets gradient: it is not dead."""
+    torch.manual_seed(0)
+    model = VAE(8)
+    for layer in (model.fc_mu, model.fc_logvar):
+        layer.weight.zero_()
+        layer.bias.zero_()                # mu = 0 and sigma = 1 for every image
+    model.dec_fc.bias.zero_()             # so the mean decode feeds dec_conv1 zeros ...
+    model.dec_conv1.bias.fill_(-0.05)     # ... and every dec_conv1 unit is at -0.05 there
+    m = evaluate(model, batches(), accelerator, baseline=torch.full((3, 64, 64), 0.5))
+    assert m["dead_fraction"]["dec_conv1"] < 0.5   # 1.0 if judged on decode(mu)
+    assert m["active_units"] == 0                   # mu carries nothing, whatever the draws do
+
+
+@torch.no_grad()
 def test_padding_samples_do_not_keep_a_unit_alive():
     torch.manual_seed(0)
     model = Autoencoder()
