@@ -36,6 +36,8 @@ from fastceleba.errors import DataError  # noqa: E402
 from fastceleba.files import atomic_write, write_json  # noqa: E402
 from fastceleba.recipe import RECIPES  # noqa: E402
 from fastceleba.shards import load_manifest  # noqa: E402
+# a sibling bench script (running one puts bench/ first on sys.path)
+from loader import machine  # noqa: E402
 
 TRAIN = ROOT / "fastceleba" / "train.py"
 EXIT_DIVERGED = 3
@@ -158,11 +160,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], summary: list[dict]) -> str:
+def markdown(rows: list[dict], summary: list[dict], info: dict) -> str:
     def num(v, fmt):
         return "–" if v is None else format(v, fmt)
 
-    lines = ["| model | recipe | seed | test PSNR | mean-image PSNR | KL/image | active latents "
+    m = info["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
+             f"{info['epochs']} epochs, batch {info['batch_size']}, loader {info['loader']}", "",
+             "| model | recipe | seed | test PSNR | mean-image PSNR | KL/image | active latents "
              "| dead % per ReLU layer | collapsed | wall s |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         if r["status"] == "not run":
@@ -200,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = summarize(rows)
     out = Path(args.out)
-    write_json(out / "quality.json", {"data": str(data), "epochs": args.epochs, "batch_size": args.batch_size,
-                                      "loader": args.loader, "train_args": extra, "runs": rows, "summary": summary})
-    text = markdown(rows, summary)
+    info = {"machine": machine(), "data": str(data), "epochs": args.epochs, "batch_size": args.batch_size,
+            "loader": args.loader, "train_args": extra}
+    write_json(out / "quality.json", {**info, "runs": rows, "summary": summary})
+    text = markdown(rows, summary, info)
     atomic_write(out / "quality.md", text)
     print(text + f"[quality] wrote {out / 'quality.json'} and {out / 'quality.md'}")
     return 0

@@ -9,15 +9,18 @@ For each model and seed:
 1. seed pipeline: fastceleba/train.py --loader pil --workers 0 --recipe notebook, eager fp32, --epochs 5:
    the notebook's PIL folder DataLoader (JPEG decode, resize, centre crop in the training process) and its
    schedule. Its test PSNR after those epochs is the target.
-2. fastceleba: --loader FAST (default cache) --compile --recipe default, trained for a budget of 1, 2, ...
+2. fastceleba: --loader FAST (default cache) --recipe default, eager, trained for a budget of 1, 2, ...
    epochs (each budget its own run, as a user would train, the recipe's schedules fitted to it) until a
-   run's test PSNR reaches the target.
+   run's test PSNR reaches the target. Eager, not --compile: on a CPU compiling costs more than it gains
+   in a run this short (its import and compilation ~2.5 s with a warm Inductor cache, 12 s cold, against
+   ~0.4 s saved per epoch; README section 4); --compile measures it anyway.
 
 Reported per run: process wall time (start-up, data, compilation, training, test evaluation) and the
 training loop's own seconds (metrics.jsonl); the speed-up is the seed pipeline's time over fastceleba's
 first run to reach the target, per seed and as the median over seeds. Both sides evaluate valid only
-after their last epoch and write no pictures. Runs go into OUT/<model>-seed<S>/{seed,fast-e<E>}; a
-finished run is not trained again (delete OUT to measure afresh). Writes OUT/time_to_quality.{json,md}
+after their last epoch and write no pictures. Runs go into
+OUT/<model>-seed<S>/{seed,fast-<eager|compile>-<fp32|bf16>-e<E>}; a finished run is not trained again
+(delete OUT to measure afresh). Writes OUT/time_to_quality.{json,md}
 (with --fast-precision bf16: time_to_quality_bf16.*) with the machine beside the figures.
 Exit status: 0 done (also when fastceleba never reached the target: that is a result, shown as such);
 2 bad input or a run that failed.
@@ -26,7 +29,6 @@ Exit status: 0 done (also when fastceleba never reached the target: that is a re
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -43,14 +45,9 @@ from fastceleba.errors import DataError  # noqa: E402
 from fastceleba.files import atomic_write, write_json  # noqa: E402
 from fastceleba.loaders import KINDS  # noqa: E402
 from fastceleba.shards import load_manifest  # noqa: E402
-
-
-def _bench(name: str):
-    """Another bench script as a module (its helpers, no copies here)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# sibling bench scripts: running one puts bench/ first on sys.path
+from loader import machine  # noqa: E402
+from quality import synthetic_shards  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest epoch budget fastceleba tries (default: --seed-epochs)")
     p.add_argument("--fast-loader", choices=KINDS, default="cache",
                    help="fastceleba's loader (default %(default)s, the fastest on a CPU; dali on a GPU)")
-    p.add_argument("--no-compile", action="store_true", help="fastceleba side eager (to see what compile adds)")
+    p.add_argument("--compile", action="store_true",
+                   help="fastceleba side through torch.compile (default eager: on a CPU it does not pay back in "
+                        "a run of a few epochs; on a GPU try both)")
     p.add_argument("--fast-precision", choices=("no", "bf16"), default="no",
                    help="fastceleba side's mixed precision (Accelerate's ACCELERATE_MIXED_PRECISION): 'no' is fp32 "
                         "like the seed pipeline, 'bf16' autocast (default %(default)s)")
@@ -118,10 +117,12 @@ def race(args: argparse.Namespace, data: Path, model: str, seed: int) -> dict:
     seed_run = train(base / "seed", data, model, seed, args.seed_epochs, args.batch_size,
                      ["--loader", "pil", "--workers", "0", "--recipe", "notebook"])
     target = seed_run["psnr"]
-    fast_flags = ["--loader", args.fast_loader, "--recipe", "default", *([] if args.no_compile else ["--compile"])]
+    fast_flags = ["--loader", args.fast_loader, "--recipe", "default", *(["--compile"] if args.compile else [])]
     tries = []
     for epochs in range(1, args.max_epochs + 1):
-        name = f"fast-e{epochs}" if args.fast_precision == "no" else f"fast-{args.fast_precision}-e{epochs}"
+        # one directory per setting, so a finished run is only reused for the very same flags
+        name = (f"fast-{'compile' if args.compile else 'eager'}-"
+                f"{'fp32' if args.fast_precision == 'no' else args.fast_precision}-e{epochs}")
         tries.append(train(base / name, data, model, seed, epochs, args.batch_size, fast_flags,
                            args.fast_precision))
         if tries[-1]["psnr"] >= target:
@@ -158,15 +159,14 @@ def markdown(rows: list[dict], info: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        data = Path(args.data) if args.data else _bench("quality").synthetic_shards(Path(args.cache_dir),
-                                                                                    args.synthetic)
+        data = Path(args.data) if args.data else synthetic_shards(Path(args.cache_dir), args.synthetic)
         load_manifest(data)
         rows = [race(args, data, m, s) for m in args.models for s in args.seeds]
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info = {"machine": _bench("loader").machine(), "data": str(data), "seed_epochs": args.seed_epochs,
-            "fast": f"{args.fast_loader}, {'eager' if args.no_compile else 'torch.compile'}, "
+    info = {"machine": machine(), "data": str(data), "seed_epochs": args.seed_epochs,
+            "fast": f"{args.fast_loader}, {'torch.compile' if args.compile else 'eager'}, "
                     f"{'fp32' if args.fast_precision == 'no' else args.fast_precision + ' autocast'}, recipe default",
             "median_speedup_wall": {}, "median_speedup_loop": {}}
     for model in args.models:

@@ -25,7 +25,6 @@ With no --data, the synthetic CelebA and its shards are bench/loader.py's (made 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -44,17 +43,11 @@ from fastceleba.errors import DataError  # noqa: E402
 from fastceleba.models import build_model  # noqa: E402
 from fastceleba.files import write_json  # noqa: E402
 from fastceleba.train import make_loss_fn  # noqa: E402
+# a sibling bench script (running one puts bench/ first on sys.path): machine() and the synthetic shards
+import loader as loader_bench  # noqa: E402
 
 FEEDS = ["memory", "cache:rgb", "cache:jpg", "dali:rgb", "dali:jpg", "turbo:jpg", "wds:jpg", "pil"]
 QUICK_FEEDS = ["memory", "cache:rgb", "dali:jpg", "turbo:jpg"]
-
-
-def _loader_bench():
-    """bench/loader.py as a module: its machine() description and its synthetic shards (no copies here)."""
-    spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "bench" / "loader.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Step:
@@ -237,11 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     args.precisions = args.precisions.split(",")
     feeds = [] if args.feeds == "none" else (args.feeds.split(",") if args.feeds else FEEDS)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lb = _loader_bench()
     try:
         if any(f != "memory" for f in feeds):
             if args.data is None:
-                data, raw = lb.prepare_data(args.cache_dir, args.synthetic)
+                data, raw = loader_bench.prepare_data(args.cache_dir, args.synthetic)
                 raw = args.raw or raw
             else:
                 data, raw = args.data, args.raw or args.data
@@ -254,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.wait_idle
     while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:  # other work would skew the timings
         time.sleep(5)
-    report = {"machine": lb.machine(), "device": str(device), "batch_size": args.batch_size, "steps": args.steps,
-              "repeats": args.repeats, "warmup": args.warmup, "workers": args.workers,
+    report = {"machine": loader_bench.machine(), "device": str(device), "batch_size": args.batch_size,
+              "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "workers": args.workers,
               "torch_threads": torch.get_num_threads(),
               "command": " ".join(["bench/train.py"] + sys.argv[1:] if argv is None else argv)}
     report["compute"] = compute_section(args, device) if args.modes and args.precisions else []

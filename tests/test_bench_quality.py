@@ -41,7 +41,7 @@ def test_quality_tables_every_run_and_reuses_finished_ones(tmp_path):
 def test_time_to_quality_races_until_the_target_and_reports_the_ratio(tmp_path):
     out = tmp_path / "ttq"
     bench("time_to_quality.py", "--synthetic", "120", "--cache-dir", tmp_path / "data", "--out", out,
-          "--models", "ae", "--seeds", "0", "--seed-epochs", "2", "--no-compile", "--batch-size", "16")
+          "--models", "ae", "--seeds", "0", "--seed-epochs", "2", "--batch-size", "16")
     report = json.loads((out / "time_to_quality.json").read_text())
     (row,) = report["runs"]
     seed = row["seed_run"]
@@ -49,6 +49,7 @@ def test_time_to_quality_races_until_the_target_and_reports_the_ratio(tmp_path):
     assert json.loads((Path(seed["run"]) / "summary.json").read_text())["args"]["loader"] == "pil"
     tries = row["fast_tries"]
     assert [t["epochs"] for t in tries] == list(range(1, len(tries) + 1)) and len(tries) <= 2
+    assert [Path(t["run"]).name for t in tries] == [f"fast-eager-fp32-e{t['epochs']}" for t in tries]
     assert all(t["psnr"] < row["target_psnr"] for t in tries[:-1])  # it stopped at the first run that reached it
     if row["fast_run"]:
         assert row["fast_run"] == tries[-1] and tries[-1]["psnr"] >= row["target_psnr"]
