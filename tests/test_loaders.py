@@ -542,3 +542,19 @@ def test_batches_arrive_on_the_gpu(shards, reference, kind, member):
     mad = {n: float((unflipped[n].cpu() - reference[n]).abs().mean()) * 255 for n in reference}
     print(f"{kind}:{member} on the GPU against pil: worst {max(mad.values()):.3f}/255")
     assert max(mad.values()) < RESAMPLED_BOUND
+
+
+def test_heavy_imports_wait_for_the_loaders_that_need_them():
+    """train.py with the cache loader never imports torchvision, DALI or webdataset (~1.5 s of start-up
+    each run); the pil and wds loaders import torchvision in the parent process, so the DataLoader
+    workers forked every epoch inherit it instead of each importing it again (that halved pil's images/s)."""
+    def run(code: str) -> None:
+        proc = subprocess.run([sys.executable, "-c", "import sys\n" + code], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    run("import fastceleba.train\n"
+        "heavy = [m for m in ('torchvision', 'nvidia.dali', 'webdataset') if m in sys.modules]\n"
+        "assert not heavy, heavy")
+    for kind in ("pil", "wds"):
+        run(f"import fastceleba.loaders.{kind}\nassert 'torchvision.transforms.functional' in sys.modules")
