@@ -40,6 +40,7 @@ from fastceleba.shards import load_manifest  # noqa: E402
 from loader import machine  # noqa: E402
 
 TRAIN = ROOT / "fastceleba" / "train.py"
+SECONDS = "bench_seconds.txt"  # a finished run's wall time, beside its summary.json
 EXIT_DIVERGED = 3
 NUMBERS = ("psnr", "baseline_psnr", "psnr_gain", "kld", "active_units", "seconds")
 
@@ -102,30 +103,44 @@ def synthetic_shards(cache_dir: Path, num: int) -> Path:
     return shards
 
 
+def finished_seconds(run: Path) -> float | None:
+    """The wall seconds of a train.py run into `run` that finished before (benchmarks reuse it), else None."""
+    seconds = run / SECONDS
+    return float(seconds.read_text()) if (run / "summary.json").is_file() and seconds.is_file() else None
+
+
+def timed_train(run: Path, train_args: list[str], tag: str, env: dict | None = None) -> tuple[int, float]:
+    """One fastceleba/train.py process writing into `run`, its output hidden (its errors are not):
+    (exit status, wall seconds: start-up to exit). A finished run's seconds are kept beside its summary."""
+    cmd = [sys.executable, str(TRAIN), "--out", str(run), *train_args]
+    print(f"[{tag}] {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env).returncode
+    seconds = time.perf_counter() - start
+    if code == 0:
+        atomic_write(run / SECONDS, f"{seconds:.3f}\n")
+    return code, seconds
+
+
 def run_one(args: argparse.Namespace, data: Path, model: str, recipe: str, seed: int, extra: list[str]) -> dict:
     run = Path(args.out) / f"{model}-{recipe}-seed{seed}"
     row = {"model": model, "recipe": recipe, "seed": seed, "run": str(run)}
     summary_path = run / "summary.json"
-    if summary_path.is_file() and (run / "bench_seconds.txt").is_file():
+    seconds = finished_seconds(run)
+    if seconds is not None:
         print(f"[quality] {run}: done already", flush=True)
-        seconds = float((run / "bench_seconds.txt").read_text())
     elif args.report_only:
         return {**row, "status": "not run"}
     else:
-        cmd = [sys.executable, str(TRAIN), "--model", model, "--recipe", recipe, "--seed", str(seed),
-               "--data", str(data), "--out", str(run), "--epochs", str(args.epochs), "--batch-size",
-               str(args.batch_size), "--loader", args.loader, "--resume", *([] if args.pictures else ["--no-pictures"]),
-               *extra]
-        print(f"[quality] {shlex.join(cmd)}", flush=True)
-        start = time.perf_counter()
-        code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
-        seconds = time.perf_counter() - start
+        code, seconds = timed_train(run, [
+            "--model", model, "--recipe", recipe, "--seed", str(seed), "--data", str(data), "--epochs",
+            str(args.epochs), "--batch-size", str(args.batch_size), "--loader", args.loader, "--resume",
+            *([] if args.pictures else ["--no-pictures"]), *extra], "quality")
         if code == EXIT_DIVERGED:
             return {**row, "status": "diverged"}
         if code != 0:
             raise DataError(f"{run}: train.py exited with status {code} (its message is above); fix it and re-run, "
                             "finished runs are kept")
-        atomic_write(run / "bench_seconds.txt", f"{seconds:.3f}\n")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     test = summary.get("test") or {}
     if not test.get("num_samples"):

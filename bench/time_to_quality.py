@@ -31,11 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +44,7 @@ from fastceleba.loaders import KINDS  # noqa: E402
 from fastceleba.shards import load_manifest  # noqa: E402
 # sibling bench scripts: running one puts bench/ first on sys.path
 from loader import machine  # noqa: E402
-from quality import synthetic_shards  # noqa: E402
+from quality import finished_seconds, synthetic_shards, timed_train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,25 +88,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(run: Path, data: Path, model: str, seed: int, epochs: int, batch: int, flags: list[str],
           precision: str = "no") -> dict:
     """One fastceleba/train.py process (or its finished result): test PSNR, wall and loop seconds."""
-    done = run / "bench_seconds.txt"
-    if not ((run / "summary.json").is_file() and done.is_file()):
-        cmd = [sys.executable, str(ROOT / "fastceleba" / "train.py"), "--model", model, "--seed", str(seed),
-               "--data", str(data), "--out", str(run), "--epochs", str(epochs), "--batch-size", str(batch),
-               "--eval-every", "0", "--no-pictures", *flags]
-        print(f"[time-to-quality] {shlex.join(cmd)}", flush=True)
-        start = time.perf_counter()
-        env = {**os.environ, "ACCELERATE_MIXED_PRECISION": precision}
-        code = subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env).returncode
-        seconds = time.perf_counter() - start
+    seconds = finished_seconds(run)
+    if seconds is None:
+        code, seconds = timed_train(run, [
+            "--model", model, "--seed", str(seed), "--data", str(data), "--epochs", str(epochs), "--batch-size",
+            str(batch), "--eval-every", "0", "--no-pictures", *flags], "time-to-quality",
+            env={**os.environ, "ACCELERATE_MIXED_PRECISION": precision})
         if code != 0:
             raise DataError(f"{run}: train.py exited with status {code} (its message is above); delete {run} "
                             "and re-run")
-        atomic_write(done, f"{seconds:.3f}\n")
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     loop = sum(json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()
                if line.strip())
-    return {"run": str(run), "epochs": epochs, "psnr": summary["test"]["psnr"],
-            "wall_s": float(done.read_text()), "loop_s": loop}
+    return {"run": str(run), "epochs": epochs, "psnr": summary["test"]["psnr"], "wall_s": seconds, "loop_s": loop}
 
 
 def race(args: argparse.Namespace, data: Path, model: str, seed: int) -> dict:
