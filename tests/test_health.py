@@ -146,16 +146,16 @@ def test_recipe_schedules():
 
 
 def test_recipe_clipping_and_adam_eps_flags():
-    from fastceleba.recipe import recipe_from_args as recipe_of
+    from fastceleba.recipe import recipe_from_args
     from fastceleba.train import parse_args
     assert NOTEBOOK.clip_grad_norm == 0 and NOTEBOOK.adam_eps == 1e-8  # the notebook: no clipping, Adam's eps
     d = ["--data", "shards"]
-    r = recipe_of(parse_args(d + ["--clip-grad-norm", "5", "--adam-eps", "1e-6"]))
+    r = recipe_from_args(parse_args(d + ["--clip-grad-norm", "5", "--adam-eps", "1e-6"]))
     assert r.clip_grad_norm == 5 and r.adam_eps == 1e-6 and r.lr == DEFAULT_VAE.lr
-    assert recipe_of(parse_args(d + ["--model", "ae"])) == DEFAULT_AE
-    assert recipe_of(parse_args(d + ["--logvar-bias", "-3", "--output-bias", "init"])).logvar_bias == -3
-    assert recipe_of(parse_args(d + ["--recipe", "notebook", "--clip-grad-norm", "0"])).clip_grad_norm == 0
-    assert recipe_of(parse_args(d + ["--free-bits", "0.5"])).free_bits == 0.5 and NOTEBOOK.free_bits == 0
+    assert recipe_from_args(parse_args(d + ["--model", "ae"])) == DEFAULT_AE
+    assert recipe_from_args(parse_args(d + ["--logvar-bias", "-3", "--output-bias", "init"])).logvar_bias == -3
+    assert recipe_from_args(parse_args(d + ["--recipe", "notebook", "--clip-grad-norm", "0"])).clip_grad_norm == 0
+    assert recipe_from_args(parse_args(d + ["--free-bits", "0.5"])).free_bits == 0.5 and NOTEBOOK.free_bits == 0
     for bad in (["--clip-grad-norm", "-1"], ["--adam-eps", "0"], ["--free-bits", "-0.1"], ["--logvar-bias", "nan"],
                 ["--output-bias", "zero"]):
         with pytest.raises(SystemExit):
@@ -195,7 +195,6 @@ def test_centred_init_gives_every_relu_unit_zero_sum_weights():
 
 
 def test_logvar_bias_sets_the_posteriors_initial_variance():
-    from fastceleba.models import Autoencoder
     from fastceleba.recipe import initialize
     torch.manual_seed(0)
     model = initialize(VAE(latent_dim=8), "centred", logvar_bias=-6.0)
