@@ -7,7 +7,8 @@
     python bench/quality.py --out runs/quality-w50 -- --warmup-steps 50     # args after -- go to train.py
 
 Every run is fastceleba/train.py in its own process (OUT/<model>-<recipe>-seed<S>, with --resume, so an
-interrupted benchmark continues where it stopped; a finished run is not trained again) with the cache
+interrupted benchmark continues where it stopped; a finished run is not trained again, and one finished
+with other arguments or an older recipe stops the benchmark with exit 2 rather than pass as new) with the cache
 loader, batch 128, no flips, on one process. With no --data it makes a synthetic CelebA of --synthetic
 images once under --cache-dir (tools/make_synthetic.py, then tools/shard.py --size 64).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -41,6 +43,7 @@ from loader import machine  # noqa: E402
 
 TRAIN = ROOT / "fastceleba" / "train.py"
 SECONDS = "bench_seconds.txt"  # a finished run's wall time, beside its summary.json
+COMMAND = "bench_command.json"  # and the train.py arguments that made it
 EXIT_DIVERGED = 3
 NUMBERS = ("psnr", "baseline_psnr", "psnr_gain", "kld", "active_units", "seconds")
 
@@ -103,21 +106,45 @@ def synthetic_shards(cache_dir: Path, num: int) -> Path:
     return shards
 
 
-def finished_seconds(run: Path) -> float | None:
-    """The wall seconds of a train.py run into `run` that finished before (benchmarks reuse it), else None."""
+def finished_seconds(run: Path, train_args: list[str], env: dict | None = None) -> float | None:
+    """The wall seconds of a train.py run into `run` that finished before with these arguments (benchmarks
+    reuse it), else None. A finished run made with other arguments, another mixed precision or another
+    recipe (the defaults in fastceleba/recipe.py changed since) is a DataError: reusing it would report
+    the old setting under the new one's name."""
     seconds = run / SECONDS
-    return float(seconds.read_text()) if (run / "summary.json").is_file() and seconds.is_file() else None
+    if not ((run / "summary.json").is_file() and seconds.is_file()):
+        return None
+    stored = json.loads((run / COMMAND).read_text()) if (run / COMMAND).is_file() else None
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    from fastceleba.recipe import recipe_from_args  # train.py's own parsing: importing it costs ~1 s
+    from fastceleba.train import parse_args as train_parse_args
+    recipe = recipe_from_args(train_parse_args([*train_args, "--out", str(run)])).as_dict()
+    if stored != _command(train_args, env):
+        why = "other train.py arguments" if stored else "an older benchmark (no " + COMMAND + ")"
+    elif summary.get("recipe") != recipe:
+        why = "an older version of its recipe"
+    else:
+        return float(seconds.read_text())
+    raise DataError(f"{run}: finished with {why}; delete it (or choose another --out) to train it again")
+
+
+def _command(train_args: list[str], env: dict | None) -> dict:
+    """What decides a run's result besides the code: its arguments and Accelerate's mixed precision."""
+    env = os.environ if env is None else env
+    return {"args": list(train_args), "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION", "no")}
 
 
 def timed_train(run: Path, train_args: list[str], tag: str, env: dict | None = None) -> tuple[int, float]:
     """One fastceleba/train.py process writing into `run`, its output hidden (its errors are not):
-    (exit status, wall seconds: start-up to exit). A finished run's seconds are kept beside its summary."""
+    (exit status, wall seconds: start-up to exit). A finished run's seconds and command are kept beside
+    its summary (finished_seconds reads them)."""
     cmd = [sys.executable, str(TRAIN), "--out", str(run), *train_args]
     print(f"[{tag}] {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     code = subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env).returncode
     seconds = time.perf_counter() - start
     if code == 0:
+        write_json(run / COMMAND, _command(train_args, env))
         atomic_write(run / SECONDS, f"{seconds:.3f}\n")
     return code, seconds
 
@@ -126,16 +153,16 @@ def run_one(args: argparse.Namespace, data: Path, model: str, recipe: str, seed:
     run = Path(args.out) / f"{model}-{recipe}-seed{seed}"
     row = {"model": model, "recipe": recipe, "seed": seed, "run": str(run)}
     summary_path = run / "summary.json"
-    seconds = finished_seconds(run)
+    train_args = ["--model", model, "--recipe", recipe, "--seed", str(seed), "--data", str(data), "--epochs",
+                  str(args.epochs), "--batch-size", str(args.batch_size), "--loader", args.loader, "--resume",
+                  *([] if args.pictures else ["--no-pictures"]), *extra]
+    seconds = finished_seconds(run, train_args)
     if seconds is not None:
         print(f"[quality] {run}: done already", flush=True)
     elif args.report_only:
         return {**row, "status": "not run"}
     else:
-        code, seconds = timed_train(run, [
-            "--model", model, "--recipe", recipe, "--seed", str(seed), "--data", str(data), "--epochs",
-            str(args.epochs), "--batch-size", str(args.batch_size), "--loader", args.loader, "--resume",
-            *([] if args.pictures else ["--no-pictures"]), *extra], "quality")
+        code, seconds = timed_train(run, train_args, "quality")
         if code == EXIT_DIVERGED:
             return {**row, "status": "diverged"}
         if code != 0:

@@ -20,7 +20,7 @@ training loop's own seconds (metrics.jsonl); the speed-up is the seed pipeline's
 first run to reach the target, per seed and as the median over seeds. Both sides evaluate valid only
 after their last epoch and write no pictures. Runs go into
 OUT/<model>-seed<S>/{seed,fast-<eager|compile>-<fp32|bf16>-e<E>}; a finished run is not trained again
-(delete OUT to measure afresh). Writes OUT/time_to_quality.{json,md}
+(one finished with other flags or an older recipe stops the benchmark: delete OUT to measure afresh). Writes OUT/time_to_quality.{json,md}
 (with --fast-precision bf16: time_to_quality_bf16.*) with the machine beside the figures.
 Exit status: 0 done (also when fastceleba never reached the target: that is a result, shown as such);
 2 bad input or a run that failed.
@@ -88,12 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(run: Path, data: Path, model: str, seed: int, epochs: int, batch: int, flags: list[str],
           precision: str = "no") -> dict:
     """One fastceleba/train.py process (or its finished result): test PSNR, wall and loop seconds."""
-    seconds = finished_seconds(run)
+    train_args = ["--model", model, "--seed", str(seed), "--data", str(data), "--epochs", str(epochs), "--batch-size",
+                  str(batch), "--eval-every", "0", "--no-pictures", *flags]
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": precision}
+    seconds = finished_seconds(run, train_args, env)
     if seconds is None:
-        code, seconds = timed_train(run, [
-            "--model", model, "--seed", str(seed), "--data", str(data), "--epochs", str(epochs), "--batch-size",
-            str(batch), "--eval-every", "0", "--no-pictures", *flags], "time-to-quality",
-            env={**os.environ, "ACCELERATE_MIXED_PRECISION": precision})
+        code, seconds = timed_train(run, train_args, "time-to-quality", env=env)
         if code != 0:
             raise DataError(f"{run}: train.py exited with status {code} (its message is above); delete {run} "
                             "and re-run")

@@ -37,6 +37,24 @@ def test_quality_tables_every_run_and_reuses_finished_ones(tmp_path):
                   "vae", "--recipes", "default,notebook", "--seeds", "0", "--epochs", "1", "--batch-size", "16")
     assert again.stdout.count("done already") == 2
 
+    # ...but never a finished run made otherwise: other train.py flags, or the recipe's defaults changed since
+    def stale(*extra: str) -> str:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--synthetic", "120",
+                               "--cache-dir", str(tmp_path / "data"), "--out", str(out), "--models", "vae",
+                               "--recipes", "default", "--seeds", "0", "--epochs", "1", "--batch-size", "16", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "done already" not in proc.stdout, proc.stdout + proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert str(out / "vae-default-seed0") in line and "delete it" in line
+        return line
+
+    assert "other train.py arguments" in stale("--", "--lr", "1e-3")
+    summary_path = out / "vae-default-seed0" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["recipe"]["lr"] *= 2  # as if trained before the default's peak changed
+    summary_path.write_text(json.dumps(summary))
+    assert "an older version of its recipe" in stale()
+
 
 def test_time_to_quality_races_until_the_target_and_reports_the_ratio(tmp_path):
     out = tmp_path / "ttq"
