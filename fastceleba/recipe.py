@@ -45,6 +45,7 @@ class Recipe:
     clip_grad_norm: float = 0.0   # clip the global gradient norm to this before each step (0: never)
     free_bits: float = 0.0        # VAE: per-latent KL floor in nats (free bits, Kingma et al. 2016; 0: none)
     adam_eps: float = 1e-8        # Adam's epsilon (PyTorch's default 1e-8)
+    adam_beta2: float = 0.999     # Adam's second-moment decay (PyTorch's default 0.999)
     logvar_bias: float | None = None  # VAE: initial fc_logvar bias, the posterior's log-variance (None: init's)
     output_bias: str = "init"     # last layer's bias: the init's, or "mean": the first batch's mean colour
     grad_centralization: bool = False  # centre the weight gradients of units with inputs >= 0 before a step
@@ -245,6 +246,10 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                    help="VAE: per-latent KL floor in nats, below which the KL term gives no gradient (free bits; "
                         f"0: none) ({both('free_bits')})")
     g.add_argument("--adam-eps", type=float, help=f"Adam's epsilon ({both('adam_eps')})")
+    g.add_argument("--adam-beta2", type=float,
+                   help="Adam's second-moment decay: lower forgets the first steps' large gradients sooner, so late "
+                        "steps stay as large as the lr schedule says "
+                        f"({both('adam_beta2')})")
 
 
 def check_recipe_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -254,7 +259,8 @@ def check_recipe_arguments(parser: argparse.ArgumentParser, args: argparse.Names
              "kl_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
              "final_lr": (lambda v: 0 <= v <= 1, "between 0 and 1"),
              "beta": (lambda v: v >= 0, "a number >= 0"), "clip_grad_norm": (lambda v: v >= 0, "a number >= 0"),
-             "free_bits": (lambda v: v >= 0, "a number >= 0"), "logvar_bias": (lambda v: True, "a number")}
+             "free_bits": (lambda v: v >= 0, "a number >= 0"), "logvar_bias": (lambda v: True, "a number"),
+             "adam_beta2": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")}
     for name, (ok, what) in rules.items():
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
@@ -267,4 +273,5 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                    final_lr=args.final_lr, init=args.init, logvar_bias=args.logvar_bias,
                    output_bias=args.output_bias, grad_centralization=args.grad_centralization, beta=args.beta,
                    kl_warmup_steps=args.kl_warmup_steps, reduction=args.loss_reduction,
-                   clip_grad_norm=args.clip_grad_norm, free_bits=args.free_bits, adam_eps=args.adam_eps)
+                   clip_grad_norm=args.clip_grad_norm, free_bits=args.free_bits, adam_eps=args.adam_eps,
+                   adam_beta2=args.adam_beta2)

@@ -383,7 +383,8 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     plain_own = None if args.loader == "cache" else plain_train  # a view holds nothing to release
 
     # the recipe sets lr before every step
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, eps=recipe.adam_eps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=(0.9, recipe.adam_beta2),
+                                 eps=recipe.adam_eps)
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders are sharded already: never prepared
     raw = accelerator.unwrap_model(model)
     loss_fn = make_loss_fn(model, args.model, recipe.reduction, args.compile, recipe.free_bits)
@@ -396,6 +397,8 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         # random_states_<rank>.pkl if there is one, and train.py re-seeds every epoch anyway.
         agree(rank, world, lambda: load_resume_state(accelerator, resume, state, log))
         start_epoch, step = state["epoch"], state["step"]
+        for group in optimizer.param_groups:  # loading put back the checkpoint's Adam settings: the recipe's rule
+            group["betas"], group["eps"] = (0.9, recipe.adam_beta2), recipe.adam_eps
         if state.get("recipe", recipe.as_dict()) != recipe.as_dict():
             log(f"note: the recipe differs from the checkpoint's ({state.get('recipe')}); its schedules "
                 f"continue from step {step} with the new one")

@@ -145,19 +145,22 @@ def test_recipe_schedules():
     assert resolve("notebook", "ae") == resolve("notebook", "vae") == NOTEBOOK
 
 
-def test_recipe_clipping_and_adam_eps_flags():
+def test_recipe_clipping_and_adam_flags():
     from fastceleba.recipe import recipe_from_args
     from fastceleba.train import parse_args
     assert NOTEBOOK.clip_grad_norm == 0 and NOTEBOOK.adam_eps == 1e-8  # the notebook: no clipping, Adam's eps
     d = ["--data", "shards"]
     r = recipe_from_args(parse_args(d + ["--clip-grad-norm", "5", "--adam-eps", "1e-6"]))
     assert r.clip_grad_norm == 5 and r.adam_eps == 1e-6 and r.lr == DEFAULT_VAE.lr
+    # Adam's beta2: PyTorch's 0.999 unless changed
+    assert NOTEBOOK.adam_beta2 == DEFAULT_VAE.adam_beta2 == 0.999
+    assert recipe_from_args(parse_args(d + ["--recipe", "notebook", "--adam-beta2", "0.9"])).adam_beta2 == 0.9
     assert recipe_from_args(parse_args(d + ["--model", "ae"])) == DEFAULT_AE
     assert recipe_from_args(parse_args(d + ["--logvar-bias", "-3", "--output-bias", "init"])).logvar_bias == -3
     assert recipe_from_args(parse_args(d + ["--recipe", "notebook", "--clip-grad-norm", "0"])).clip_grad_norm == 0
     assert recipe_from_args(parse_args(d + ["--free-bits", "0.5"])).free_bits == 0.5 and NOTEBOOK.free_bits == 0
     for bad in (["--clip-grad-norm", "-1"], ["--adam-eps", "0"], ["--free-bits", "-0.1"], ["--logvar-bias", "nan"],
-                ["--output-bias", "zero"]):
+                ["--output-bias", "zero"], ["--adam-beta2", "1"], ["--adam-beta2", "0"]):
         with pytest.raises(SystemExit):
             parse_args(d + bad)
 

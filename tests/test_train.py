@@ -102,6 +102,9 @@ def test_short_run_learns_and_beats_mean_image(data, tmp_path, model):
     last = load_file(out / "checkpoints" / "epoch_4" / "model.safetensors")
     assert all(torch.equal(last[k], v) for k, v in loaded.state_dict().items())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_3", "epoch_4"]  # keeps 2
+    # the optimizer ran with the recipe's Adam betas (its state is saved whole in every checkpoint)
+    adam = torch.load(out / "checkpoints" / "epoch_4" / "optimizer.bin", weights_only=True)
+    assert tuple(adam["param_groups"][0]["betas"]) == (0.9, summary["recipe"]["adam_beta2"]) == (0.9, 0.999)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +218,21 @@ def test_resume_refuses_another_model(data, one_epoch, tmp_path):
         assert "checkpoint is for --model vae --latent-dim 80, not " + what in proc.stderr
     proc = run("--data", data, "--out", out, "--epochs", "2", *FAST)  # no --resume: would mix two runs
     assert proc.returncode == 2 and "pass --resume" in proc.stderr
+
+
+def test_resume_trains_on_with_the_recipes_adam_settings(data, one_epoch, tmp_path):
+    # loading a checkpoint puts its Adam betas and eps back; a changed recipe must still be the one that runs
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    proc = ok(run("--data", data, "--out", out, "--resume", "--epochs", "2", "--adam-beta2", "0.9", "--adam-eps",
+                  "1e-6", "--no-pictures", "--no-test", *FAST))
+    assert "the recipe differs from the checkpoint's" in proc.stdout + proc.stderr
+
+    def adam(epoch: int) -> dict:
+        return torch.load(out / "checkpoints" / f"epoch_{epoch}" / "optimizer.bin", weights_only=True)["param_groups"][0]
+
+    assert tuple(adam(1)["betas"]) == (0.9, 0.999) and adam(1)["eps"] == 1e-8
+    assert tuple(adam(2)["betas"]) == (0.9, 0.9) and adam(2)["eps"] == 1e-6
 
 
 def test_divergence_stops_with_status_3_and_keeps_last_checkpoint(data, one_epoch, tmp_path):
