@@ -152,8 +152,8 @@ def test_recipe_clipping_and_adam_flags():
     d = ["--data", "shards"]
     r = recipe_from_args(parse_args(d + ["--clip-grad-norm", "5", "--adam-eps", "1e-6"]))
     assert r.clip_grad_norm == 5 and r.adam_eps == 1e-6 and r.lr == DEFAULT_VAE.lr
-    # Adam's beta2: PyTorch's 0.999 unless changed
-    assert NOTEBOOK.adam_beta2 == DEFAULT_VAE.adam_beta2 == 0.999
+    # Adam's beta2: PyTorch's 0.999 but in the AE's default, one flag to change
+    assert NOTEBOOK.adam_beta2 == DEFAULT_VAE.adam_beta2 == 0.999 and DEFAULT_AE.adam_beta2 == 0.95
     assert recipe_from_args(parse_args(d + ["--recipe", "notebook", "--adam-beta2", "0.9"])).adam_beta2 == 0.9
     assert recipe_from_args(parse_args(d + ["--model", "ae"])) == DEFAULT_AE
     assert recipe_from_args(parse_args(d + ["--logvar-bias", "-3", "--output-bias", "init"])).logvar_bias == -3
