@@ -180,6 +180,26 @@ def node_local_note(layout: OutLayout) -> str | None:
     return None
 
 
+# how a collective reports that another process of the group is gone (gloo's TCP pairs; NCCL's watchdog)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """If `error` is a collective failing because another process of the run is gone, one line for this
+    rank to print instead of a traceback through our code (the process that stopped first printed why);
+    else None. One rank meeting bad data mid-epoch exits at once: on one node the launcher then stops
+    the others, across nodes they learn it here, at their next collective."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    if not (isinstance(error, backend_error) or any(s in str(error) for s in _PEER_GONE)):
+        return None
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    cause = str(error).strip().splitlines()[0].split(" This is typically")[0][:200]
+    return (f"rank {rank} of {world}: another process of this run stopped, so this one stops too ({cause}); "
+            f"its own \"error:\" line, on its node, says why: fix that and re-run with --resume")
+
+
 def release_group() -> None:
     """Tear the process group down before exiting on an agreed error (NCCL warns, or hangs, otherwise)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -49,7 +49,8 @@ from fastceleba import health, pictures, remote
 from fastceleba.checkpoints import (check_resume_point, clear_partial, find_resume,
                                     load_resume_state, model_desc, register_weight_hooks,
                                     save_checkpoint, scaler_saved_once)
-from fastceleba.distributed import agree, from_rank0, node_local_note, out_layout, release_group, same_data
+from fastceleba.distributed import (agree, from_rank0, node_local_note, out_layout, peer_lost, release_group,
+                                    same_data)
 from fastceleba.errors import DataError
 from fastceleba.files import atomic_write, write_json
 from fastceleba.loaders import KINDS, make_loader
@@ -59,7 +60,7 @@ from fastceleba.recipe import (Recipe, add_recipe_arguments, centralize_gradient
                                initialize, recipe_from_args, set_output_bias)
 from fastceleba.runtime import SetupError, cpu_asked, main_print, make_accelerator, report, set_backends
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST = 0, 2, 3, 4
 
 EPILOG = """\
 mixed precision and devices are Accelerate's: `accelerate launch --mixed_precision bf16 ...` (or
@@ -72,7 +73,8 @@ On a CPU, plain `python` uses all cores; `accelerate launch` sets OMP_NUM_THREAD
 `--cpu` or `--num_cpu_threads_per_process N`.
 
 exit status: 0 done; 2 bad input or usage (missing shards, a checkpoint of another model, bad flags);
-3 the loss became NaN/inf (training diverged; lower --lr; the last good checkpoint is kept).
+3 the loss became NaN/inf (training diverged; lower --lr; the last good checkpoint is kept);
+4 another process of a multi-node run stopped first (its own "error:" line says why), so this one did too.
 A run whose model collapsed (see fastceleba/health.py) still exits 0 but prints one "warning:" line and
 records it in summary.json ("health"). Under
 `accelerate launch` with several processes each process exits so and the launcher itself exits 1.
@@ -541,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         report(e)
         release_group()
         return EXIT_DIVERGED
+    except RuntimeError as e:  # a collective broke: another process stopped (or a bug, raised as such)
+        if (line := peer_lost(e)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST  # the group is broken: tearing it down could block
     return EXIT_OK
 
 

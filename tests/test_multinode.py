@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -180,6 +181,31 @@ def test_data_error_on_one_node_stops_both_with_one_line(celeba, data, tmp_path,
     assert [n.rc for n in nodes] == [2, 2], [n.output[-3000:] for n in nodes]  # both exit 2, neither hangs
     assert len(nodes[0].errors()) == 1 and nodes[0].errors()[0].startswith(expected), nodes[0].output[-3000:]
     assert nodes[1].errors() == []  # printed once, by rank 0
+    assert not nodes[0].our_traceback() and not nodes[1].our_traceback()
+
+
+def test_bad_image_mid_epoch_on_one_node_stops_both_with_one_line_each(celeba, tmp_path):
+    # JPEG shards read by a streaming loader: node 1 meets a corrupt image inside its epoch, long after the
+    # set-up checks agreed. It stops with its own line (status 2); node 0 learns it at its next collective
+    # and stops with one line that points there (status 4), not with gloo's traceback, and neither hangs.
+    data = tmp_path / "shards"
+    write_shards(celeba, data, ShardOptions(shard_size=50), progress=False)
+    local = tmp_path / "node1-shards"
+    shutil.copytree(data, local)
+    for tar in sorted(local.glob("train-*.tar")):  # one bad image in each, whichever shards rank 1 reads
+        with tarfile.open(tar) as t:
+            jpg = [m for m in t.getmembers() if m.name.endswith(".jpg")][5]
+        raw = bytearray(tar.read_bytes())
+        raw[jpg.offset_data:jpg.offset_data + 16] = b"\0" * 16  # no JPEG SOI marker; same size, same manifest
+        tar.write_bytes(bytes(raw))
+    flags = [*FAST[FAST.index("--batch-size"):], "--loader", "wds", "--epochs", "2"]
+    nodes = two_nodes(tmp_path, [["--data", data, "--out", tmp_path / "out0", *flags],
+                                 ["--data", local, "--out", tmp_path / "out1", *flags]], script=TRAIN)
+    assert [n.rc for n in nodes] == [4, 2], [n.output[-3000:] for n in nodes]
+    (bad,) = nodes[1].errors()
+    assert re.match(rf"error: {re.escape(str(local))}/train-0000\d\.tar: \d+\.jpg does not decode", bad), bad
+    (lost,) = nodes[0].errors()
+    assert lost.startswith("error: rank 0 of 2: another process of this run stopped") and "--resume" in lost
     assert not nodes[0].our_traceback() and not nodes[1].our_traceback()
 
 

@@ -287,6 +287,7 @@ def test_help_documents_exit_codes():
     proc = run("--help")
     assert proc.returncode == 0
     assert "exit status: 0 done; 2 bad input" in proc.stdout and "3 the loss became NaN/inf" in proc.stdout
+    assert "4 another process of a multi-node run stopped first" in proc.stdout
 
 
 def test_sweep_chooses_on_valid_and_reports_test(data, tmp_path):
