@@ -8,8 +8,8 @@
 
 Every run is fastceleba/train.py in its own process (OUT/<model>-<recipe>-seed<S>, with --resume, so an
 interrupted benchmark continues where it stopped; a finished run is not trained again, and one finished
-with other arguments or an older recipe stops the benchmark with exit 2 rather than pass as new) with the cache
-loader, batch 128, no flips, on one process. With no --data it makes a synthetic CelebA of --synthetic
+with other arguments or an older recipe stops the benchmark with exit 2 rather than pass as new) with
+the cache loader, batch 128, no flips, on one process. With no --data it makes a synthetic CelebA of --synthetic
 images once under --cache-dir (tools/make_synthetic.py, then tools/shard.py --size 64).
 
 For every run it reads summary.json: test PSNR and the mean-image PSNR, the VAE's KL per image and active

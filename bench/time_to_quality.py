@@ -20,8 +20,9 @@ training loop's own seconds (metrics.jsonl); the speed-up is the seed pipeline's
 first run to reach the target, per seed and as the median over seeds. Both sides evaluate valid only
 after their last epoch and write no pictures. Runs go into
 OUT/<model>-seed<S>/{seed,fast-<eager|compile>-<fp32|bf16>-e<E>}; a finished run is not trained again
-(one finished with other flags or an older recipe stops the benchmark: delete OUT to measure afresh). Writes OUT/time_to_quality.{json,md}
-(with --fast-precision bf16: time_to_quality_bf16.*) with the machine beside the figures.
+(one finished with other flags or an older recipe stops the benchmark: delete OUT to measure afresh).
+Writes OUT/time_to_quality.{json,md} (with --fast-precision bf16: time_to_quality_bf16.*) with the
+machine beside the figures.
 Exit status: 0 done (also when fastceleba never reached the target: that is a result, shown as such);
 2 bad input or a run that failed.
 """

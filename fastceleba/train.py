@@ -399,7 +399,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         # random_states_<rank>.pkl if there is one, and train.py re-seeds every epoch anyway.
         agree(rank, world, lambda: load_resume_state(accelerator, resume, state, log))
         start_epoch, step = state["epoch"], state["step"]
-        for group in optimizer.param_groups:  # loading put back the checkpoint's Adam settings: the recipe's rule
+        for group in optimizer.param_groups:  # loading restored the checkpoint's betas and eps: the recipe's apply
             group["betas"], group["eps"] = (0.9, recipe.adam_beta2), recipe.adam_eps
         if state.get("recipe", recipe.as_dict()) != recipe.as_dict():
             log(f"note: the recipe differs from the checkpoint's ({state.get('recipe')}); its schedules "
