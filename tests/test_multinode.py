@@ -209,6 +209,23 @@ def test_bad_image_mid_epoch_on_one_node_stops_both_with_one_line_each(celeba, t
     assert not nodes[0].our_traceback() and not nodes[1].our_traceback()
 
 
+def test_only_a_lost_peer_becomes_the_one_line():
+    import torch.distributed as dist
+
+    from fastceleba.distributed import peer_lost
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:57754. This is "
+                        "typically caused by a remote worker crashing. Check the logs of the remote worker.")
+    assert peer_lost(gone) is None  # no process group: nothing to lose
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        line = peer_lost(gone)
+        assert line.startswith("rank 0 of 1: another process of this run stopped, so this one stops too (")
+        assert "Connection closed by peer [127.0.0.1]:57754.)" in line and "typically" not in line
+        assert peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug stays a bug
+    finally:
+        dist.destroy_process_group()
+
+
 def test_resume_on_another_number_of_processes(data, tmp_path):
     out = tmp_path / "run"  # one shared --out
     common = ["--data", data, "--out", out, *FAST]
