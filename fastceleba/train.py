@@ -385,8 +385,8 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     plain_own = None if args.loader == "cache" else plain_train  # a view holds nothing to release
 
     # the recipe sets lr before every step
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=(0.9, recipe.adam_beta2),
-                                 eps=recipe.adam_eps)
+    adam = {"betas": (0.9, recipe.adam_beta2), "eps": recipe.adam_eps}
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, **adam)
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders are sharded already: never prepared
     raw = accelerator.unwrap_model(model)
     loss_fn = make_loss_fn(model, args.model, recipe.reduction, args.compile, recipe.free_bits)
@@ -400,7 +400,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         agree(rank, world, lambda: load_resume_state(accelerator, resume, state, log))
         start_epoch, step = state["epoch"], state["step"]
         for group in optimizer.param_groups:  # loading restored the checkpoint's betas and eps: the recipe's apply
-            group["betas"], group["eps"] = (0.9, recipe.adam_beta2), recipe.adam_eps
+            group.update(adam)
         if state.get("recipe", recipe.as_dict()) != recipe.as_dict():
             log(f"note: the recipe differs from the checkpoint's ({state.get('recipe')}); its schedules "
                 f"continue from step {step} with the new one")
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # a collective broke: another process stopped (or a bug, raised as such)
         if (line := peer_lost(e)) is None:
             raise
-        print(f"error: {line}", file=sys.stderr, flush=True)
+        report(RuntimeError(line))
         return EXIT_PEER_LOST  # the group is broken: tearing it down could block
     return EXIT_OK
 
