@@ -2,7 +2,7 @@
 """Quality of a training recipe: AE and VAE x recipe x seed, trained for N epochs, scored on test.
 
     python bench/quality.py                                   # synthetic 5,000 faces, both recipes, 3 seeds
-    python bench/quality.py --seeds 0,1,2,3,4 --epochs 10     # the README's table
+    python bench/quality.py --seeds 0,1,2,3,4 --epochs 10     # docs/recipes.md's table
     python bench/quality.py --data shards/ --epochs 20 --models vae --recipes default
     python bench/quality.py --out runs/quality-w50 -- --warmup-steps 50     # args after -- go to train.py
 

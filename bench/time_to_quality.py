@@ -13,7 +13,7 @@ For each model and seed:
    epochs (each budget its own run, as a user would train, the recipe's schedules fitted to it) until a
    run's test PSNR reaches the target. Eager, not --compile: on a CPU compiling costs more than it gains
    in a run this short (its import and compilation ~2.5 s with a warm Inductor cache, 12 s cold, against
-   ~0.4 s saved per epoch; README section 4); --compile measures it anyway.
+   ~0.4 s saved per epoch; docs/benchmarks.md); --compile measures it anyway.
 
 Reported per run: process wall time (start-up, data, compilation, training, test evaluation) and the
 training loop's own seconds (metrics.jsonl); the speed-up is the seed pipeline's time over fastceleba's

@@ -7,7 +7,7 @@ AE's encoder.0, encoder.2, decoder.0 and decoder.2 (the AE's third encoder conv 
 
 The VAE's decoder units are judged on what the decoder trains on, z = mu + sigma * eps drawn from q(z|x)
 (one draw per image, evaluation's own generator), not on the mean decode z = mu alone: a unit that fires
-only with the posterior's spread still gets gradient. The difference is real: in the README's seed-3 run,
+only with the posterior's spread still gets gradient. The difference is real: in docs/recipes.md's seed-3 run,
 17 % of dec_conv1's units are never positive on mean decodes but 1.4 % on the draws (0 % on prior samples).
 
 A VAE latent dimension d is *active* when Var_x(E[z_d | x]) = Var_x(mu_d(x)) > 0.01 over the split
@@ -141,5 +141,5 @@ def warning_line(found: list[str], split: str, recipe: str) -> str:
     """The one line a collapsed run prints: what happened and what to try."""
     fix = ("train with the default recipe (drop --recipe notebook)" if recipe == "notebook" else
            "lengthen --warmup-steps / --kl-warmup-steps, add --free-bits or --clip-grad-norm, or try "
-           "another --seed (a lower --lr made it worse in the README's measurements)")
+           "another --seed (a lower --lr made it worse in docs/recipes.md's measurements)")
     return f"warning: the model collapsed on the {split} split: {'; '.join(found)}. Try: {fix}."

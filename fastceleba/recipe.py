@@ -8,7 +8,7 @@ This module never reads data (set_output_bias is handed the first batch's mean c
 
 - ``notebook``: the seed's own schedule: Adam at 1e-3 from step 0 and constant, beta = 1 throughout,
   the VAE's loss summed over the batch.
-- ``default``: see DEFAULT_VAE and DEFAULT_AE below, and the README ("Training recipes") for the
+- ``default``: see DEFAULT_VAE and DEFAULT_AE below, and docs/recipes.md for the
   measurements behind them.
 """
 
@@ -81,7 +81,7 @@ class Recipe:
 
 
 NOTEBOOK = Recipe("notebook")
-# Chosen from the seed tables in the README (5,000 synthetic faces, 10 epochs, batch 128, seeds 0-4;
+# Chosen from the seed tables in docs/recipes.md (5,000 synthetic faces, 10 epochs, batch 128, seeds 0-4;
 # bench/quality.py). Each VAE field fixes one failure measured there: the centred init the units dead at
 # step 0, logvar_bias the 3-epoch stall at the mean face, output_bias and grad_centralization the
 # enc_conv3 channels Adam killed in the first epochs. Once those units survive, a 3e-3 peak gains 0.4-0.5
@@ -208,7 +208,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group(
         "training recipe", "--recipe picks a whole schedule; each flag below replaces one field of it "
-                           "(see fastceleba/recipe.py and the README's measurements)")
+                           "(see fastceleba/recipe.py and docs/recipes.md's measurements)")
     g.add_argument("--recipe", choices=tuple(RECIPES), default="default",
                    help="'default': lr warm-up + cosine decay, KL annealing, per-image loss, zero-sum He init; "
                         "for the AE also Adam's beta2 0.95; "

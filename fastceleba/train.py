@@ -210,7 +210,7 @@ def make_loss_fn(model: torch.nn.Module, kind: str, reduction: str = "sum", comp
     1.2-1.5x eager, against 1.1-1.3x when compiling the model alone). Under DDP (several processes) Dynamo
     breaks the graph at the DDP module's forward (torch 2.14, 2 CPU processes: 2 graphs, 2 graph breaks;
     DDPOptimizer also splits the model at gradient buckets so all-reduces overlap the backward): the model
-    and the loss compile as separate graphs and nothing fuses across the boundary (README section 5 has
+    and the loss compile as separate graphs and nothing fuses across the boundary (docs/gpus.md has
     both measured). Either way the training loader keeps drop_last=True: a smaller last batch would
     recompile."""
     def loss_fn(x: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
