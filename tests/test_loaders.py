@@ -218,6 +218,29 @@ def test_set_epoch_reproduces_the_order(shards, kind):
     assert [n for batch in c for n in batch["num"].tolist()] != orders[0]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_epoch_started_at_a_batch_gives_the_rest_of_that_epoch(shards, kind):
+    """set_epoch(e, start_batch=k): a run resumed mid-epoch gets exactly the batches it had left, flips
+    included, on two ranks, and the epoch after it is whole again."""
+    member = "auto" if kind == "pil" else "jpg"
+
+    def batches(loader):
+        return [(b["num"].tolist(), b["image"].sum((1, 2, 3)).tolist()) for b in loader]
+
+    for rank in (0, 1):
+        kw = dict(shuffle=True, seed=3, member=member, num_workers=1, flip=True, drop_last=True, rank=rank,
+                  world_size=2)
+        a = make_loader(kind, shards, "train", 16, **kw)
+        a.set_epoch(1)
+        whole = batches(a)
+        b = make_loader(kind, shards, "train", 16, **kw)
+        b.set_epoch(1, start_batch=4)
+        assert batches(b) == whole[4:] and len(whole) == len(b) == 6
+        assert len(batches(b)) == 6  # epoch 2: from its first batch
+    with pytest.raises(ValueError):
+        b.set_epoch(0, start_batch=len(b))
+
+
 def test_unshuffled_epochs_repeat(shards):
     loader = make_loader("dali", shards, "train", 40, member="jpg")  # one pipeline serves all epochs
     first = [n for b in loader for n in b["num"].tolist()]

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DataError
 from ..shards import MANIFEST
-from .plan import batch_counts, epoch_flips, epoch_order, rank_plan
+from .plan import WORKER_STREAM, batch_counts, epoch_flips, epoch_order, epoch_seed, rank_plan
 from .split import SplitData
 
 
@@ -32,7 +32,7 @@ class Loader:
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.crop, self.flip, self.size = crop, flip, size
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         # For a GPU, images cross the bus as uint8 (4x fewer bytes than float32) and are converted
         # there; on the CPU the loader's threads convert while the training thread computes.
         self.u8_transfer = device.type != "cpu"
@@ -52,26 +52,37 @@ class Loader:
         """Release what the loader holds between epochs (DALI's pipeline and its device memory, the
         cache's shared host copy); the next ``iter()`` sets it up again where needed."""
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run epoch ``epoch`` (its order depends on seed and epoch only)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (its order depends on seed and epoch only),
+        from its batch ``start_batch`` on: a run resumed mid-epoch gets the very batches it had left."""
+        if not 0 <= start_batch < self.num_batches:
+            raise ValueError(f"start_batch {start_batch} is not in [0, {self.num_batches})")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch = self.epoch
-        self.epoch += 1
-        return self._run_epoch(epoch)
+        epoch, start = self.epoch, self.start_batch
+        self.epoch, self.start_batch = epoch + 1, 0
+        return self._run_epoch(epoch, start)
 
-    def _run_epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _run_epoch(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Epoch ``epoch``'s batches from batch ``start`` on."""
         raise NotImplementedError
 
     # the plan of the kinds that choose their own order (pil, turbo, cache)
     def _flips(self, epoch: int) -> np.ndarray:
         return epoch_flips(self.num_samples, self.flip, self.seed, epoch)
 
-    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sample indices, valid) of this rank's epoch."""
+    def _plan(self, epoch: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices, valid) of this rank's epoch from its batch ``start`` on."""
         order = epoch_order(self.num_samples, self.shuffle, self.seed, epoch)
-        return rank_plan(order, self.batch_size, self.rank, self.world_size, self.drop_last)
+        idx, valid = rank_plan(order, self.batch_size, self.rank, self.world_size, self.drop_last)
+        return idx[start * self.batch_size:], valid[start * self.batch_size:]
+
+
+def own_generator(seed: int, epoch: int) -> torch.Generator:
+    """A DataLoader's own generator: its workers' base seed is drawn from this, not from torch's global
+    RNG, which the VAE's noise draws from (a run resumed mid-epoch must find that RNG as it was saved)."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch, WORKER_STREAM))
 
 
 def u8_to_float(images_u8: torch.Tensor) -> torch.Tensor:

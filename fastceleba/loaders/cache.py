@@ -171,8 +171,8 @@ class CacheLoader(Loader):
             if self.device.type != "cpu":
                 self._segment = None  # the mapping goes with the last reference to it
 
-    def _run_epoch(self, epoch: int):
-        idx, valid = self._plan(epoch)
+    def _run_epoch(self, epoch: int, start: int):
+        idx, valid = self._plan(epoch, start)
         flips = self._flips(epoch)[idx]
         dev = self.device
         if dev.type == "cpu":

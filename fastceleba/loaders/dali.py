@@ -272,8 +272,8 @@ class DaliLoader(Loader):
             self._iter.reset()
         return self._iter
 
-    def _run_epoch(self, epoch: int):
-        idx, valid = self._plan(epoch)
+    def _run_epoch(self, epoch: int, start: int):
+        idx, valid = self._plan(epoch, start)
         flips = self._flips(epoch)[idx].astype(np.int32)
         dev = self.device
         idx_t = torch.from_numpy(idx).to(dev, non_blocking=True)     # once per epoch, then sliced
@@ -292,7 +292,7 @@ class DaliLoader(Loader):
                 done += 1
                 yield batch
         finally:
-            if self._iter is not None and (done < self.num_batches or not self._finish(it)):
+            if self._iter is not None and (done < self.num_batches - start or not self._finish(it)):
                 self._abandon(it)
 
     def _finish(self, it) -> bool:

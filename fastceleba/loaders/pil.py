@@ -23,7 +23,7 @@ from ..celeba import image_number, natural_key
 from ..errors import DataError
 from ..shards import MANIFEST
 from ..transforms import check_geometry, resize_crop
-from .base import Loader, to_device, worker_error
+from .base import Loader, own_generator, to_device, worker_error
 from .plan import split_batches
 from .split import SplitData
 
@@ -57,13 +57,13 @@ class _PlanBatches(torch.utils.data.Sampler):
     """Batch sampler yielding the loader's plan for the epoch it is told."""
 
     def __init__(self, loader: "PilLoader"):
-        self.loader, self.epoch = loader, 0
+        self.loader, self.epoch, self.start = loader, 0, 0
 
     def __len__(self) -> int:
         return self.loader.num_batches
 
     def __iter__(self):
-        idx, valid = self.loader._plan(self.epoch)
+        idx, valid = self.loader._plan(self.epoch, self.start)
         flips = self.loader._flips(self.epoch)
         for s in split_batches(len(idx), self.loader.batch_size):
             yield [(int(i), bool(v), bool(flips[i])) for i, v in zip(idx[s], valid[s])]
@@ -99,11 +99,11 @@ class PilLoader(Loader):
         self._sampler = _PlanBatches(self)
         self._dataset = _FolderDataset(folder, names, self.size, self.crop)
 
-    def _run_epoch(self, epoch: int):
-        self._sampler.epoch = epoch
+    def _run_epoch(self, epoch: int, start: int):
+        self._sampler.epoch, self._sampler.start = epoch, start
         dl = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=self._sampler, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", generator=own_generator(self.seed, epoch),
         )
         try:
             for batch in dl:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 # Independent random streams drawn from one (seed, epoch); a stream number names what it drives.
-ORDER_STREAM, FLIP_STREAM = 0, 1
+ORDER_STREAM, FLIP_STREAM, WORKER_STREAM = 0, 1, 2
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:

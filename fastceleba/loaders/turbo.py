@@ -183,8 +183,8 @@ class TurboLoader(Loader):
         batch["valid"] = torch.from_numpy(valid.copy())
         return u8_batch_to_device(batch, self.device) if self.u8_transfer else batch
 
-    def _run_epoch(self, epoch: int):
-        idx, valid = self._plan(epoch)
+    def _run_epoch(self, epoch: int, start: int):
+        idx, valid = self._plan(epoch, start)
         flips = self._flips(epoch)[idx]
         slices = split_batches(len(idx), self.batch_size)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="turbo",

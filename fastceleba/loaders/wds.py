@@ -24,7 +24,7 @@ import torchvision.transforms.functional  # noqa: F401
 from ..errors import DataError
 from ..remote import RemoteDir
 from ..transforms import check_geometry, resize_crop_array
-from .base import Loader, hwc_to_float, u8_batch_to_device
+from .base import Loader, hwc_to_float, own_generator, u8_batch_to_device
 from .plan import epoch_order, epoch_seed, rank_slice
 from .split import SplitData
 
@@ -235,16 +235,18 @@ class WdsLoader(Loader):
         out["valid"] = torch.tensor([v for _, v in batch])
         return out
 
-    def _run_epoch(self, epoch: int):
+    def _run_epoch(self, epoch: int, start: int):
         dl = torch.utils.data.DataLoader(
             _WdsEpoch(self, epoch), batch_size=None, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", generator=own_generator(self.seed, epoch),
         )
         count = 0
         for batch in dl:
             if "__error__" in batch:
                 raise DataError(batch["__error__"])
             count += 1
+            if count <= start:  # a stream cannot seek: a run resumed mid-epoch reads past what it had
+                continue
             if self.u8_transfer:  # uint8, already pinned by the DataLoader, converted on the device
                 yield u8_batch_to_device(batch, self.device)
             else:
