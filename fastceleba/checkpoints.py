@@ -1,8 +1,10 @@
 """Training checkpoints of fastceleba/train.py: naming, saving, pruning, finding, and resume state.
 
-A checkpoint is OUT/checkpoints/epoch_N, written by ``accelerator.save_state`` into a temporary
-``.tmp-epoch_N`` directory and renamed once complete (``trainer_state.json``, written last, marks it
-complete); only the newest KEEP_CHECKPOINTS are kept. With several processes, rank 0 decides which
+A checkpoint is OUT/checkpoints/epoch_N (after epoch N) or OUT/checkpoints/step_S (mid-epoch, after
+global step S: a run stopped by a signal, or --checkpoint-every-steps), written by
+``accelerator.save_state`` into a temporary ``.tmp-NAME`` directory and renamed once complete
+(``trainer_state.json``, written last, marks it complete). The newest KEEP_CHECKPOINTS epoch
+checkpoints are kept, and one step checkpoint only while it is newer than all of them. With several processes, rank 0 decides which
 checkpoint to resume from and every rank checks that it sees that one (``check_resume_point``); when --out
 is a different directory on each node (fastceleba/distributed.py), each node's first process writes,
 renames and prunes its node's copy (``writer``). Weights are stored as safetensors under plain layer
@@ -35,15 +37,23 @@ def model_desc(name: str, latent_dim: int | None) -> str:
     return f"--model {name}" + (f" --latent-dim {latent_dim}" if name == "vae" else "")
 
 
+def _global_step(ckpt: Path) -> int:
+    """The step a checkpoint was written after (-1 if its record is unreadable: read_trainer_state says why)."""
+    try:
+        return int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (epoch, dir), oldest first; half-written ones live in .tmp-* dirs and are ignored."""
+    """Complete checkpoints (global step, dir), oldest first, an epoch's before a step checkpoint of the
+    same step; half-written ones live in .tmp-* dirs and are ignored."""
     found = []
     if ckpt_dir.is_dir():
         for d in ckpt_dir.iterdir():
-            m = re.fullmatch(r"epoch_(\d+)", d.name)
-            if m and (d / "trainer_state.json").is_file():
-                found.append((int(m.group(1)), d))
-    return sorted(found)
+            if re.fullmatch(r"(epoch|step)_\d+", d.name) and (d / "trainer_state.json").is_file():
+                found.append((_global_step(d), d.name.startswith("step_"), d))
+    return [(step, d) for step, _, d in sorted(found)]
 
 
 def read_trainer_state(ckpt: Path, model: str, latent_dim: int) -> dict:
@@ -78,8 +88,8 @@ def find_resume(ckpt_dir: Path, resume: bool, model: str, latent_dim: int) -> tu
     return newest, read_trainer_state(newest, model, latent_dim)
 
 
-def check_resume_point(ckpt_dir: Path, chosen: tuple[int, dict] | None, writer: bool) -> Path | None:
-    """On every rank: the checkpoint rank 0 chose (``chosen``: its epoch and trainer state), as seen here.
+def check_resume_point(ckpt_dir: Path, chosen: tuple[str, dict] | None, writer: bool) -> Path | None:
+    """On every rank: the checkpoint rank 0 chose (``chosen``: its name and trainer state), as seen here.
 
     DataError when this rank cannot see it, or sees another run's checkpoint under that name (the trainer
     states differ), or when rank 0 starts afresh but this rank writes into a directory that already holds
@@ -91,11 +101,11 @@ def check_resume_point(ckpt_dir: Path, chosen: tuple[int, dict] | None, writer: 
             raise DataError(f"{ckpt_dir}: holds checkpoints but rank 0's --out has none to resume from; "
                             f"delete them, or copy rank 0's checkpoints here, or pick a new --out")
         return None
-    epoch, state = chosen
-    path = ckpt_dir / f"epoch_{epoch}"
+    name, state = chosen
+    path = ckpt_dir / name
     if not (path / "trainer_state.json").is_file():
-        raise DataError(f"{path}: not found here, but rank 0 resumes from its epoch_{epoch}; with a --out local "
-                        f"to each node, copy rank 0's {path.parent.name}/epoch_{epoch} to this node, "
+        raise DataError(f"{path}: not found here, but rank 0 resumes from its {name}; with a --out local "
+                        f"to each node, copy rank 0's {path.parent.name}/{name} to this node, "
                         f"or use a shared --out")
     try:
         mine = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -103,7 +113,7 @@ def check_resume_point(ckpt_dir: Path, chosen: tuple[int, dict] | None, writer: 
         mine = None
     if mine != state:
         raise DataError(f"{path}: not the checkpoint rank 0 resumes from (its trainer_state.json differs); "
-                        f"copy rank 0's epoch_{epoch} here, or pick a new --out")
+                        f"copy rank 0's {name} here, or pick a new --out")
     return path
 
 
@@ -118,17 +128,18 @@ def clear_partial(ckpt_dir: Path) -> None:
 
 def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, record: dict[str, Any],
                     writer: bool | None = None) -> Path:
-    """accelerator.save_state into a temp dir, then rename it to epoch_N: a crash leaves the older ones intact.
+    """accelerator.save_state into a temp dir, then rename it to epoch_N (``record["epoch_step"]`` 0: the epoch
+    is complete) or step_S (mid-epoch): a crash leaves the older ones intact.
 
-    ``record`` (epoch, step, model, ...) becomes trainer_state.json; "format" is added here. ``writer``: this
+    ``record`` (epoch, step, epoch_step, model, ...) becomes trainer_state.json; "format" is added here. ``writer``: this
     rank creates, completes, renames and prunes the directory (default: the main process; with a --out
     local to each node, each node's first process, and ``accelerator.project_configuration.save_on_each_node``
     must then be set so that Accelerate writes weights and optimizer state on every node too).
     """
     writer = accelerator.is_main_process if writer is None else writer
     record = {"format": CHECKPOINT_FORMAT, **record}
-    final = ckpt_dir / f"epoch_{record['epoch']}"
-    tmp = ckpt_dir / f".tmp-epoch_{record['epoch']}"
+    name = f"step_{record['step']}" if record.get("epoch_step") else f"epoch_{record['epoch']}"
+    final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -139,10 +150,21 @@ def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, record: dict[str, 
         write_json(tmp / "trainer_state.json", record)  # written last: marks the checkpoint complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for _, old in checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(ckpt_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune(ckpt_dir: Path) -> None:
+    """Keep the newest KEEP_CHECKPOINTS epoch checkpoints, and the newest step checkpoint while it is newer."""
+    found = checkpoints(ckpt_dir)
+    epochs = [(step, d) for step, d in found if d.name.startswith("epoch_")]
+    steps = [(step, d) for step, d in found if d.name.startswith("step_")]
+    newest_epoch = epochs[-1][0] if epochs else -1
+    old = [d for _, d in epochs[:-KEEP_CHECKPOINTS]]
+    old += [d for i, (step, d) in enumerate(steps) if i < len(steps) - 1 or step <= newest_epoch]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def register_weight_hooks(accelerator: Accelerator) -> None:

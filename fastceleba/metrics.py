@@ -139,3 +139,19 @@ def summarize(sums: torch.Tensor, sum_x: torch.Tensor, is_vae: bool) -> dict[str
         out["kld"] = kld / n
         out["neg_elbo"] = (ss_sampled + kld) / n
     return out
+
+
+def format_metrics(m: dict) -> str:
+    """One log line of evaluate()'s metrics, beside the mean-image baseline."""
+    if not m.get("num_samples"):
+        return "no images"
+    text = f"mse {m['mse']:.5f} psnr {m['psnr']:.2f} dB r2 {m['r2']:.3f}"
+    if "neg_elbo" in m:
+        text += f" -elbo {m['neg_elbo']:.1f} kld {m['kld']:.1f}"
+    text += f" (mean-image baseline: mse {m['baseline_mse']:.5f} psnr {m['baseline_psnr']:.2f} dB)"
+    if "active_units" in m:
+        text += f"; active latents {m['active_units']}/{m['latent_dim']}"
+    if m.get("dead_fraction"):
+        layer, frac = max(m["dead_fraction"].items(), key=lambda kv: kv[1])
+        text += f"; dead units ≤ {frac:.0%} ({layer})"
+    return text

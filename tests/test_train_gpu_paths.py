@@ -232,6 +232,47 @@ def test_skipped_scaler_steps_are_counted(data, accelerate_state):
     assert stats.skipped == halvings  # every skip halved the scale once; no step was skipped unnoticed
 
 
+# --------------------------------- 8. no per-step tensor made from a Python number (a blocking copy on a GPU)
+def test_a_step_makes_no_tensor_from_python_numbers(data, accelerate_state):
+    """torch.tensor(x, device=cuda) is a pageable host-to-device copy that waits for the GPU, so the CPU
+    cannot queue the next step while this one runs. Count such tensors (aten.lift_fresh, what torch.tensor
+    dispatches; 0-d, as a scalar's is: the CPU loader's numpy batches are not) over epochs of 6 and 12 steps:
+    per-epoch ones (Adam's step counters, the epoch's totals) are allowed, per-step ones are not."""
+    from accelerate import Accelerator
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastceleba.loaders import make_loader
+    from fastceleba.models import build_model
+    from fastceleba.recipe import recipe_from_args
+    from fastceleba.train_args import parse_args
+    from fastceleba.train_loop import make_loss_fn, train_one_epoch
+
+    class Count(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Count.made += func.__name__.startswith("lift_fresh") and out.dim() == 0
+            return out
+
+    accelerator = Accelerator(cpu=True)
+    made = []
+    for steps in (6, 12):
+        args = parse_args(["--data", str(data), "--log-every", "1000", "--max-steps", str(steps), *FAST])
+        recipe = recipe_from_args(args)
+        model = build_model("vae", 80)
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        loader = make_loader("cache", data, "train", 8, shuffle=True, drop_last=True, num_workers=1)
+        Count.made = 0
+        with Count():
+            stats = train_one_epoch(args, accelerator, model, make_loss_fn(model, "vae", "image"), optimizer,
+                                    loader, 0, 0, recipe, 25, None)
+        assert stats.steps == steps
+        made.append(Count.made)
+    assert made[0] == made[1], f"tensors made from Python numbers: {made[0]} in 6 steps, {made[1]} in 12"
+
+
 # ---------------------------------------------------------------- 6. resume across precisions
 def test_fp16_resume_of_an_fp32_checkpoint_starts_a_fresh_scaler(data, tmp_path, accelerate_state):
     from accelerate import Accelerator
