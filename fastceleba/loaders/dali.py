@@ -148,6 +148,13 @@ def graph_ops(pipe: Pipeline) -> list[OpInfo]:
     return list(found.values())
 
 
+def pipeline_threads(num_workers: int, gpu: bool) -> int:
+    """The pipeline's CPU threads. On a GPU nvJPEG's host stages run on them: each GPU gets its share of the cores."""
+    if gpu:
+        return max(1, num_workers, cores_per_local_rank())
+    return max(1, num_workers)
+
+
 class _Feed:
     """What DALI's external source pulls: every ``iter()`` is one epoch, the batches the loader
     planned (sample indices and flips), read from the tars. It holds no reference to the loader or
@@ -240,11 +247,11 @@ class DaliLoader(Loader):
     def __init__(self, sd: SplitData, **kw):
         super().__init__(sd, sd.num_samples, **kw)
         self.gpu = self.device.type == "cuda"
-        if self.gpu:  # nvJPEG's host stages run on these threads: give each GPU its share of the cores
+        self.threads = pipeline_threads(self.num_workers, self.gpu)
+        if self.gpu:
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.threads = max(1, self.num_workers, cores_per_local_rank())
         else:
-            self.device_id, self.threads = None, max(1, self.num_workers)
+            self.device_id = None
         tar = TarMembers(sd, [sd.ext(self.member)] + [name for name, _ in sd.labels])
         self.labels = {k: torch.from_numpy(v).to(self.device) for k, v in tar.labels().items()}
         self.feed = _Feed(tar, self.member, self.size, self.crop, str(sd.root), self.threads)
