@@ -6,10 +6,18 @@ without a GPU, so a run under --deterministic can be shown to leave no TF32 on.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from fastceleba.loaders import DEFAULT_WORKERS, KINDS, make_loader
 from fastceleba.runtime import set_backends
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -42,3 +50,46 @@ def test_fast_cuda_turns_the_autotuner_and_tf32_on(backends):
     backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = backends.cudnn.benchmark = False
     assert set_backends(deterministic=False, cuda=True) == "cudnn.benchmark, TF32"
     assert backends.cudnn.benchmark and backends.cudnn.allow_tf32 and backends.cuda.matmul.allow_tf32
+
+
+def test_dali_on_a_gpu_takes_the_threads_it_is_given(monkeypatch):
+    """--workers N gave DALI on a GPU max(N, every core of the process) threads, so bench/loader.py timed
+    it with all cores against the others' N. A count given is taken; none given keeps the cores."""
+    pytest.importorskip("nvidia.dali")
+    from fastceleba.loaders.base import cores_per_local_rank
+    from fastceleba.loaders.dali import pipeline_threads
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cores = cores_per_local_rank()
+    if cores < 2:
+        pytest.skip("one core: one thread and all the cores are the same")
+    assert pipeline_threads(1, gpu=True) == 1
+    assert pipeline_threads(0, gpu=True) == 1
+    assert pipeline_threads(None, gpu=True) == cores  # unasked: nvJPEG's host stages get the cores
+    assert pipeline_threads(None, gpu=False) == DEFAULT_WORKERS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
+    assert pipeline_threads(None, gpu=True) == 1  # the cores are shared by the node's processes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_loader_says_how_many_workers_it_uses(shards, kind):
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+    threads = kind in ("turbo", "cache", "dali")  # a pool of threads; pil and wds fork processes
+    for asked, used in ((0, 1 if threads else 0), (3, 3), (None, DEFAULT_WORKERS)):
+        ld = make_loader(kind, shards, "valid", 8, num_workers=asked, progress=False)
+        assert (ld.workers, ld.workers_are) == (used, "threads" if threads else "processes"), asked
+        ld.close()
+
+
+def test_bench_loader_records_each_loaders_workers(shards, tmp_path):
+    out = tmp_path / "loader.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loader.py"), "--data", shards, "--split", "valid",
+                           "--loaders", "turbo:jpg,wds:rgb", "--workers", "0", "--images", "16", "--repeats", "1",
+                           "--warmup", "0", "--json", out, "--csv", tmp_path / "l.csv", "--png", tmp_path / "l.png"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {r["loader"]: (r["workers"], r["workers_are"], r["workers_asked"]) for r in json.loads(out.read_text())["results"]}
+    assert got == {"turbo:jpg": (1, "threads", 0), "wds:rgb": (0, "processes", 0)}
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("turbo:", "wds:"))}
+    assert " 1 thr " in rows["turbo:jpg"] and " 0 proc " in rows["wds:rgb"]

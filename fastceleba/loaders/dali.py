@@ -40,7 +40,7 @@ from nvidia.dali import Pipeline, fn, types
 
 from ..errors import DataError
 from ..transforms import check_geometry, crop_box
-from .base import Loader, cores_per_local_rank
+from .base import DEFAULT_WORKERS, Loader, cores_per_local_rank
 from .plan import split_batches
 from .split import SplitData, TarMembers
 
@@ -148,11 +148,13 @@ def graph_ops(pipe: Pipeline) -> list[OpInfo]:
     return list(found.values())
 
 
-def pipeline_threads(num_workers: int, gpu: bool) -> int:
-    """The pipeline's CPU threads. On a GPU nvJPEG's host stages run on them: each GPU gets its share of the cores."""
-    if gpu:
-        return max(1, num_workers, cores_per_local_rank())
-    return max(1, num_workers)
+def pipeline_threads(num_workers: int | None, gpu: bool) -> int:
+    """The pipeline's CPU threads: ``num_workers`` when given (at least one), so a benchmark gives every
+    loader the same; when not, on a GPU this process's share of the cores (nvJPEG's host stages, parsing
+    and Huffman decoding, run on them), on the CPU ``DEFAULT_WORKERS``."""
+    if num_workers is not None:
+        return max(1, num_workers)
+    return cores_per_local_rank() if gpu else DEFAULT_WORKERS
 
 
 class _Feed:
@@ -243,11 +245,12 @@ class DaliLoader(Loader):
     """
 
     kind = "dali"
+    threaded = True
 
     def __init__(self, sd: SplitData, **kw):
         super().__init__(sd, sd.num_samples, **kw)
         self.gpu = self.device.type == "cuda"
-        self.threads = pipeline_threads(self.num_workers, self.gpu)
+        self.threads = self.num_workers = pipeline_threads(self.num_workers, self.gpu)
         if self.gpu:
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
