@@ -93,3 +93,18 @@ def test_bench_loader_records_each_loaders_workers(shards, tmp_path):
     assert got == {"turbo:jpg": (1, "threads", 0), "wds:rgb": (0, "processes", 0)}
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("turbo:", "wds:"))}
     assert " 1 thr " in rows["turbo:jpg"] and " 0 proc " in rows["wds:rgb"]
+
+
+def test_bench_train_sets_train_pys_kernels(tmp_path):
+    """bench/train.py timed the step without the backends train.py sets (cuDNN's autotuner, TF32 on
+    CUDA): its figures were not train.py's. Both sections now set them and say which."""
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--device", "cpu", "--models", "ae",
+                           "--modes", "eager", "--precisions", "fp32", "--feeds", "memory", "--batch-size", "8",
+                           "--steps", "2", "--repeats", "1", "--warmup", "1", "--json", out],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    want = set_backends(deterministic=False, cuda=False)  # what train.py sets on this device
+    assert report["kernels"] == want and report["fed"][0]["kernels"] == want, report["fed"]
+    assert f"kernels: {want}" in proc.stdout
