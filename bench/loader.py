@@ -15,10 +15,10 @@ loaders get the same --workers processes or threads; the table and the JSON say 
 really runs (threads for turbo, cache and dali, at least one; processes for pil and wds). The
 table gives images/s (median, min, max), the ratio of medians to pil, the peak RSS of the
 loader's process tree (summed over the main process and its workers, sampled every 0.1 s: an
-upper bound, shared pages count per process), and "others": how many cores other processes kept busy during the run (machine busy
-time from /proc/stat minus the loader's own CPU time). --wait-idle waits, before each loader,
-until the cores are idle: on a shared machine other load decides the numbers. A "limits"
-section measures what one core can do with the same JPEGs: libjpeg-turbo (simplejpeg) decode
+upper bound, shared pages count per process), and "others": how many cores other processes kept
+busy during the run (machine busy time from /proc/stat minus the loader's own CPU time).
+--wait-idle waits, before each loader, until the cores are idle: on a shared machine other load
+decides the numbers. A "limits" section measures what one core can do with the same JPEGs: libjpeg-turbo (simplejpeg) decode
 at full and at the reduced scale the turbo loader uses, and PIL decode + resize (pil's
 per-image work).
 """

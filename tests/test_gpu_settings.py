@@ -89,7 +89,8 @@ def test_bench_loader_records_each_loaders_workers(shards, tmp_path):
                            "--warmup", "0", "--json", out, "--csv", tmp_path / "l.csv", "--png", tmp_path / "l.png"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = {r["loader"]: (r["workers"], r["workers_are"], r["workers_asked"]) for r in json.loads(out.read_text())["results"]}
+    results = json.loads(out.read_text())["results"]
+    got = {r["loader"]: (r["workers"], r["workers_are"], r["workers_asked"]) for r in results}
     assert got == {"turbo:jpg": (1, "threads", 0), "wds:rgb": (0, "processes", 0)}
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("turbo:", "wds:"))}
     assert " 1 thr " in rows["turbo:jpg"] and " 0 proc " in rows["wds:rgb"]
