@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= runs/demo
 
-.PHONY: demo test gpu-check clean
+.PHONY: demo test gpu-check gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(VENV)/.installed
 # Writes runs/gpu_check/report.json: attach it to any bug report. GPU_CHECK_FLAGS=--quick for less.
 gpu-check: $(VENV)/.installed
 	$(PY) bench/gpu_check.py $(GPU_CHECK_FLAGS)
+
+# the wheels a GPU machine without DALI, simplejpeg and webdataset needs (Python 3.12), DALI split
+# into <= 60 MiB parts, in .whl/ (ignored by git); the install line is in docs/gpus.md
+gpu-wheels:
+	PYTHON=$(PYTHON) tools/gpu_wheels.sh .whl
 
 clean:
 	rm -rf $(VENV) runs data *.egg-info

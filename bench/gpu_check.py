@@ -2,8 +2,9 @@
 """Verify every GPU path of fastceleba in one command; write one JSON report and print a table.
 
     python bench/gpu_check.py                  # everything this machine can run (report: runs/gpu_check/report.json)
-    python bench/gpu_check.py --quick          # smaller data and fewer steps
-    python bench/gpu_check.py --list           # the items and the code paths each one covers
+    python bench/gpu_check.py --quick          # smaller data, fewer steps, within --budget 540 s
+    python bench/gpu_check.py --budget 540     # the items in order of value, as many as fit in 540 s
+    python bench/gpu_check.py --list           # the items in order, what each needs, estimated seconds
     python bench/gpu_check.py --only 'train:*,loader:*'
 
 Everything is driven from outside, through the toolkit's public entry points, each in its own
@@ -16,41 +17,43 @@ scaler.pt), and with two or more GPUs trains over NCCL and checks that the repli
 identical and every valid/test image is evaluated once; make_loader(..., device="cuda") of every
 kind is compared image by image with the same loader on the CPU and with the pil baseline.
 
-Each item ends passed, failed (with the last error line; the full output is in OUT/logs/) or
-skipped (with the reason: no CUDA device, needs >= 2 GPUs, DALI not installed, ...). Without a
-GPU the GPU items are skipped and a few CPU items (data, the DALI CPU pipeline, a 2-step
-training, bench/loader.py, finding the GPU-only tests) still exercise the harness.
-Attach OUT/report.json (and OUT/logs/ for a failed item) to any bug report.
+The items run in order of value (CUDA, the data, every loader on cuda with DALI mixed first, a bf16
+and an fp16 VAE run, one --compile run, the fp16 resume, then the rest). Each ends passed, failed
+(with the last error line; the full output is in OUT/logs/), skipped (with the reason: no CUDA
+device, needs >= 2 GPUs, DALI not installed, ...) or "not run: budget" (--budget). The report is
+rewritten after every item, so a run killed at a time limit leaves it complete ("running" names
+the item it was killed in). Without a GPU the GPU items are skipped and a few CPU items (data, the
+DALI CPU pipeline, a 2-step training, bench/loader.py, finding the GPU-only tests) still exercise
+the harness. Attach OUT/report.json (and OUT/logs/ for a failed item) to any bug report.
 
-Exit status: 0 nothing failed, 1 at least one item failed, 2 bad usage.
+On a machine with a GPU where DALI, simplejpeg or webdataset does not import, the report
+("not_a_pass") and the table say so first and the exit status is 3, however the items end: the
+default GPU loader would be untested. It runs on the interpreter it is started with (no make, no
+venv): bring those as wheels, see docs/gpus.md.
+
+Exit status: 0 nothing failed, 1 at least one item failed, 2 bad usage, 3 not a pass (a GPU
+without DALI, simplejpeg or webdataset).
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import hashlib
 import json
 import os
-import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# the harness is this script's sibling (bench/ is first on sys.path when this runs, or is a pytest plugin)
+from gpucheck_harness import (ROOT, Check, Failure, Item, Skip, build_report, environment, last_error_line,
+                              parse_args, print_summary, result_line, run_items, save_report, select, torch_facts)
 
-REPORT_FORMAT = "fastceleba-gpu-check"
-REPORT_VERSION = 1
-TOL = 2 / 255  # the loaders' contract: mean absolute difference per image against pil (README, section 2)
+SCRIPT = Path(__file__).resolve()
+TOL = 2 / 255  # the loaders' contract: mean absolute difference per image against pil (docs/loaders.md)
 
 # The code paths issue 11 section 1 names: key -> what it is. Every key is covered by some item.
 PATHS = {
@@ -76,278 +79,6 @@ PATHS = {
     "ddp-replicas": "replicas identical after a multi-GPU run",
     "ddp-eval-once": "every valid/test image evaluated exactly once across GPUs",
 }
-
-
-class Failure(Exception):
-    """An item failed; the message is one line."""
-
-
-class Skip(Exception):
-    """An item cannot run here; the message says why."""
-
-
-@dataclass
-class Item:
-    name: str
-    what: str
-    covers: list[str]
-    run: Callable[["Check"], dict]
-    needs: tuple[str, ...] = ()  # of "cuda", "multi_gpu", "dali", "bf16"
-    after: tuple[str, ...] = ()  # items whose output this one uses
-    result: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------------- environment
-def _run_quiet(cmd: list[str], timeout: float = 30) -> tuple[int, str]:
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        return p.returncode, (p.stdout + p.stderr).strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        return -1, f"{type(e).__name__}: {e}"
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def torch_facts() -> dict:
-    """torch's view of CUDA; run in a child process (``--facts``) so that a CUDA start-up that crashes
-    or hangs cannot take the check down, and the check itself holds no CUDA context."""
-    import torch
-
-    with warnings.catch_warnings(record=True) as caught:  # e.g. "the NVIDIA driver on your system is too old"
-        warnings.simplefilter("always")
-        available = torch.cuda.is_available()
-    t: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda,
-                         "cuda_available": available, "device_count": torch.cuda.device_count() if available else 0,
-                         "cuda_warnings": [str(w.message).strip() for w in caught]}
-    try:
-        t["cudnn"] = torch.backends.cudnn.version()
-    except Exception as e:  # noqa: BLE001 - a fact, not a check
-        t["cudnn"] = f"unavailable ({e})"
-    if available:
-        t["devices"] = []
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            t["devices"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
-                                 "memory_gb": round(p.total_memory / 2**30, 1),
-                                 "multiprocessors": p.multi_processor_count})
-        try:  # native bf16 (compute capability >= 8.0), not torch's emulation on older GPUs
-            t["bf16_supported"] = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:
-            t["bf16_supported"] = torch.cuda.is_bf16_supported()
-        try:
-            t["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception as e:  # noqa: BLE001
-            t["nccl"] = f"unavailable ({e})"
-    return t
-
-
-def environment() -> dict:
-    """Facts a bug report needs: versions, GPUs, driver, CPUs, memory, relevant environment variables."""
-    env: dict[str, Any] = {
-        "python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "hostname": platform.node(),
-    }
-    try:
-        env["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        env["cpu_affinity"] = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                env["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                env["memory_gb"] = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    rc, out = _run_quiet(["git", "-C", str(ROOT), "rev-parse", "HEAD"])
-    env["git_commit"] = out if rc == 0 else None
-    rc, out = _run_quiet(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
-    env["git_dirty"] = bool(out) if rc == 0 else None
-    env["packages"] = {d: _version(d) for d in (
-        "torch", "torchvision", "accelerate", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "webdataset",
-        "numpy", "triton", "simplejpeg", "pillow", "safetensors", "pytest")}
-
-    try:
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--facts"], capture_output=True,
-                           text=True, timeout=300)
-        env["torch"] = json.loads(p.stdout.strip().splitlines()[-1])
-    except Exception as e:  # noqa: BLE001 - it crashed (e.g. a segfault in a broken driver) or hung
-        detail = (f"exit status {p.returncode}: {last_error_line(p.stderr)}" if "p" in locals()
-                  else f"{type(e).__name__}: {e}")
-        env["torch"] = {"version": _version("torch"), "cuda_build": None, "cuda_available": False,
-                        "device_count": 0, "cuda_warnings": [], "probe_error": detail}
-    try:
-        import nvidia.dali as dali
-
-        env["dali"] = {"version": dali.__version__}
-    except Exception as e:  # noqa: BLE001 - not installed, or its CUDA libraries fail to load
-        env["dali"] = {"version": None, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-    smi = shutil.which("nvidia-smi")
-    env["nvidia_smi"] = {"path": smi}
-    if smi:
-        rc, out = _run_quiet([smi, "--query-gpu=index,name,driver_version,memory.total,compute_cap",
-                              "--format=csv,noheader"])
-        rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if rc == 0 and line.strip()]
-        env["nvidia_smi"]["gpus"] = [dict(zip(("index", "name", "driver", "memory", "compute_cap"), r))
-                                     for r in rows]
-        env["driver_version"] = rows[0][2] if rows and len(rows[0]) > 2 else None
-        env["nvidia_smi"]["output"] = _run_quiet([smi])[1]
-    from accelerate.commands.config import default_config_file
-
-    cfg = Path(default_config_file)
-    env["accelerate_config"] = {"path": str(cfg), "content": cfg.read_text()[:4000] if cfg.is_file() else None}
-    env["variables"] = {k: v for k, v in sorted(os.environ.items())
-                        if k.startswith(("CUDA_", "NCCL_", "ACCELERATE_", "TORCH", "NVIDIA_", "OMP_", "PYTORCH_"))
-                        or k in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
-    return env
-
-
-# ---------------------------------------------------------------------------------------------------- the harness
-def last_error_line(text: str) -> str:
-    """The line of a failed process's output that says what went wrong (not the launcher's echo)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    launcher = ("subprocess.CalledProcessError", "CalledProcessError", "E0", "W0", "[rank")
-    for line in reversed(lines):
-        if line.startswith("error: ") or (("Error" in line.split(":", 1)[0] or "Exception" in line.split(":", 1)[0])
-                                          and not line.startswith(launcher)):
-            return line[:500]
-    return lines[-1][:500] if lines else "(no output)"
-
-
-class Check:
-    """The state shared by the items: options, paths, what this machine has, the subprocess runner."""
-
-    def __init__(self, args: argparse.Namespace, env: dict):
-        self.args, self.env = args, env
-        self.out = args.out
-        self.data, self.runs, self.logs = self.out / "data", self.out / "runs", self.out / "logs"
-        t = env["torch"]
-        self.cuda = bool(t["cuda_available"])
-        self.gpus = t["device_count"] if self.cuda else 0
-        self.dali = env["dali"]["version"] is not None
-        self.bf16 = bool(t.get("bf16_supported"))
-        self.item = ""
-
-    # data made by the data:* items
-    @property
-    def celeba(self) -> Path:
-        return self.data / "celeba"
-
-    @property
-    def jpg(self) -> Path:
-        return self.data / "shards-jpg"
-
-    @property
-    def rgb(self) -> Path:
-        return self.data / "shards-rgb64"
-
-    def split_sizes(self) -> dict[str, int]:
-        manifest = json.loads((self.jpg / "manifest.json").read_text())
-        return {s: int(v["num_samples"]) for s, v in manifest["splits"].items()}
-
-    def env_vars(self, extra: dict | None = None, path: list | None = None) -> dict:
-        old = os.environ.get("PYTHONPATH", "")
-        first = os.pathsep.join(str(p) for p in [*(path or []), ROOT])
-        return {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {}),
-                "PYTHONPATH": first + (os.pathsep + old if old else "")}
-
-    def sh(self, cmd: list, log: str | None = None, check: bool = True, env: dict | None = None,
-           path: list | None = None) -> tuple[int, str]:
-        """Run cmd (in its own process group, killed whole on timeout); log stdout+stderr; return (rc, output)."""
-        cmd = [str(c) for c in cmd]
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log_path = self.logs / f"{(log or self.item).replace(':', '_').replace('/', '_')}.log"
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(f"$ {' '.join(cmd)}\n")
-            f.flush()
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env_vars(env, path), stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=self.args.timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the training processes it started
-                proc.wait()
-                raise Failure(f"timed out after {self.args.timeout:g} s (--timeout); see {log_path}") from None
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-        text = text[text.rfind(f"$ {' '.join(cmd)}\n"):]
-        if check and rc != 0:
-            raise Failure(f"exit status {rc}: {last_error_line(text)}")
-        return rc, text
-
-    def python(self, *args) -> list:
-        return [sys.executable, *args]
-
-    def launch(self, precision: str = "no", processes: int = 1) -> list:
-        """`accelerate launch` with every setting explicit, so no `accelerate config` file changes the run."""
-        multi = ["--multi_gpu"] if processes > 1 else []
-        return [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_machines", "1",
-                "--num_processes", str(processes), "--mixed_precision", precision, "--dynamo_backend", "no"]
-
-    def probe(self, spec: dict) -> dict:
-        """Run a make_loader probe (see ``probe``) in a fresh process; its result is the last line printed."""
-        _, text = self.sh(self.python(Path(__file__), "--probe", json.dumps(spec)))
-        for line in reversed(text.splitlines()):  # the result line, whatever is printed after it at exit
-            if line.startswith(("{", "[")):
-                return json.loads(line)
-        raise Failure("the probe printed no result")
-
-
-def skip_reason(item: Item, chk: Check, done: dict[str, Item]) -> str | None:
-    for need in item.needs:
-        if need == "cuda" and not chk.cuda:
-            if chk.env.get("nvidia_smi", {}).get("gpus"):
-                return "CUDA unusable by torch although nvidia-smi lists GPUs (see env:cuda)"
-            return "no CUDA device"
-        if need == "multi_gpu" and chk.gpus < 2:
-            return f"needs >= 2 GPUs (found {chk.gpus})"
-        if need == "dali" and not chk.dali:
-            return f"DALI not installed or not importable ({chk.env['dali'].get('error', '')})"
-        if need == "bf16" and chk.cuda and not chk.bf16:
-            caps = ", ".join(d["capability"] for d in chk.env["torch"].get("devices", []))
-            return f"bf16 needs compute capability >= 8.0 (found {caps})"
-    for dep in item.after:
-        status = done[dep].result.get("status")
-        if status != "passed":
-            return f"needs {dep}, which {status}"
-    return None
-
-
-def run_items(items: list[Item], chk: Check, selected: set[str]) -> None:
-    done: dict[str, Item] = {}
-    for item in items:
-        chk.item = item.name
-        t0 = time.perf_counter()
-        res: dict[str, Any] = {"name": item.name, "what": item.what, "covers": item.covers,
-                               "needs": list(item.needs)}
-        reason = None if item.name in selected else "not selected (--only)"
-        reason = reason or skip_reason(item, chk, done)
-        if reason:
-            res.update(status="skipped", reason=reason)
-        else:
-            print(f"[gpu-check] {item.name}: {item.what} ...", file=sys.stderr, flush=True)
-            try:
-                res.update(status="passed", details=item.run(chk) or {})
-            except Skip as e:
-                res.update(status="skipped", reason=str(e))
-            except Failure as e:
-                res.update(status="failed", error=str(e))
-            except Exception as e:  # noqa: BLE001 - a bug of the check itself is a failure too, never a crash
-                res.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:500])
-            log = chk.logs / f"{item.name.replace(':', '_').replace('/', '_')}.log"
-            if log.exists():
-                res["log"] = str(log)
-        res["seconds"] = round(time.perf_counter() - t0, 2)
-        item.result = res
-        done[item.name] = item
 
 
 # ---------------------------------------------------------------------------------------------------- the items
@@ -404,7 +135,7 @@ def gpu_tests(collect_only: bool) -> Callable[[Check], dict]:
     def run(chk: Check) -> dict:
         xml = chk.out / "pytest-gpu.xml"
         xml.unlink(missing_ok=True)
-        cmd = chk.python("-m", "pytest", "-p", "gpu_check", "-q", "-rs", "-p", "no:cacheprovider",
+        cmd = chk.python("-m", "pytest", "-p", "gpucheck_harness", "-q", "-rs", "-p", "no:cacheprovider",
                          "--basetemp", chk.out / "pytest-tmp", f"--junitxml={xml}", "tests")
         if collect_only:
             cmd.insert(cmd.index("-q"), "--collect-only")
@@ -470,7 +201,9 @@ def bench_loader(device: str) -> Callable[[Check], dict]:
         return {"json": str(out / "loader.json"),
                 "images_per_s": {r["loader"]: round(r["median"]) for r in report["results"]},
                 "peak_rss_mb": {r["loader"]: round(r["peak_rss_mb"]) for r in report["results"]},
-                "setup_s": {r["loader"]: round(r["setup_s"], 2) for r in report["results"]}}
+                "setup_s": {r["loader"]: round(r["setup_s"], 2) for r in report["results"]},
+                # every loader at --workers: DALI took all the cores before (issue 17, defect 2)
+                "workers": {r["loader"]: f"{r['workers']} {r['workers_are']}" for r in report["results"]}}
     return run
 
 
@@ -577,7 +310,7 @@ def ddp_run(loader: str | None, precision: str) -> Callable[[Check], dict]:
         shutil.rmtree(out, ignore_errors=True)
         bs = chk.args.batch_size
         cmd = chk.launch({"fp32": "no"}.get(precision, precision), processes=n) + [
-            Path(__file__), "--rank-hash", "--model", "vae", "--data", chk.jpg, "--out", out, "--epochs", 1,
+            SCRIPT, "--rank-hash", "--model", "vae", "--data", chk.jpg, "--out", out, "--epochs", 1,
             "--batch-size", bs, "--workers", chk.args.workers, "--attr-images", 256, "--flip"]
         if loader:
             cmd += ["--loader", loader]
@@ -602,7 +335,31 @@ def ddp_run(loader: str | None, precision: str) -> Callable[[Check], dict]:
     return run
 
 
+# The order of value, for a machine lent for minutes (--budget): CUDA itself, the data, every loader on
+# cuda against the CPU and pil (DALI mixed, the default GPU loader, first), a short bf16 and fp16 VAE
+# run, one --compile run, the fp16 resume; then the rest in the order make_items makes them.
+FIRST = ["env:cuda", "data:synthetic", "data:shard-jpg", "data:shard-rgb64", "loader:dali-mixed",
+         "loader:dali-gpu-rgb", "loader:cache-cuda-flip", "loader:cache-cuda-rgb", "loader:turbo-cuda",
+         "loader:wds-cuda", "loader:pil-cuda", "train:vae-bf16", "train:vae-fp16", "train:vae-bf16-compile",
+         "train:vae-fp16-resume", "gpu:bench-loader"]
+# Seconds each item takes at --quick sizes on one H100-class GPU, first match wins. Estimates (no GPU
+# has run them yet): a process start with torch ~5 s, accelerate launch two, a cold Inductor compile
+# ~1-2 min; the CPU items are this 2-core machine's times.
+ESTIMATES_S = [("env:cuda", 15), ("data:*", 10), ("loader:dali-*", 30), ("loader:*", 25),
+               ("train:*-compile", 120), ("train:vae-fp16-resume", 70), ("train:ddp-*", 90), ("train:*", 45),
+               ("gpu:bench-loader", 60), ("gpu:pytest", 150), ("cpu:*", 20)]
+
+
 def build_items(chk: Check) -> list[Item]:
+    items = make_items()
+    for item in items:
+        item.estimate_s = next(s for pat, s in ESTIMATES_S + [("*", 30)] if fnmatch.fnmatchcase(item.name, pat))
+    rank = {name: i for i, name in enumerate(FIRST)}
+    # stable: the rest keep their order, the CPU items (the harness's own check) last
+    return sorted(items, key=lambda i: (rank.get(i.name, len(FIRST)), i.name.startswith("cpu:")))
+
+
+def make_items() -> list[Item]:
     J, R = ("data:shard-jpg",), ("data:shard-rgb64",)
     items = [
         Item("env:cuda", "CUDA usable: a matmul on every GPU", [], env_cuda, needs=()),
@@ -779,127 +536,32 @@ def rank_hash(argv: list[str]) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------- pytest plugin
-def pytest_collection_modifyitems(config, items):  # noqa: D103 - active only with GPU_CHECK_SELECT=1
-    """As a pytest plugin (`-p gpu_check`): keep the tests that skip without a GPU, i.e. whose skipif
-    reason says it needs a GPU or CUDA ("needs a GPU", "requires CUDA", "needs >= 2 GPUs") or that
-    carry a `gpu` marker; list their ids in the file named by
-    GPU_CHECK_SELECT (without it the plugin does nothing)."""
-    listing = os.environ.get("GPU_CHECK_SELECT")
-    if not listing:
-        return
-    import re
-
-    needs_gpu = re.compile(r"\b(needs?|requires?)\b.*\b(gpus?|cuda)\b", re.IGNORECASE)  # "needs a GPU"
-    keep, drop = [], []
-    for item in items:
-        reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
-        if item.get_closest_marker("gpu") or any(needs_gpu.search(r) for r in reasons):
-            keep.append(item)
-        else:
-            drop.append(item)
-    config.hook.pytest_deselected(items=drop)
-    items[:] = keep
-    Path(listing).write_text("".join(f"{item.nodeid}\n" for item in keep))
-
-
-# ---------------------------------------------------------------------------------------------------- output
-def table(items: list[Item]) -> str:
-    width = max(len(i.name) for i in items) + 2
-    lines = [f"{'item':<{width}}{'status':<9}{'seconds':>8}  note", "-" * (width + 60)]
-    for i in items:
-        r = i.result
-        note = r.get("error") or r.get("reason") or ""
-        d = r.get("details") or {}
-        if not note and "test_psnr" in d:
-            note = f"{d['device']} {d.get('loader', 'cache')} {d['steps']} steps, test PSNR {d['test_psnr']} dB"
-        elif not note and "max_mad_vs_pil_x255" in d:
-            note = f"max MAD vs pil {d['max_mad_vs_pil_x255']}/255" + (
-                f", vs CPU {d['max_mad_vs_cpu_x255']}/255" if "max_mad_vs_cpu_x255" in d else "")
-        elif not note and "images_per_s" in d:
-            note = ", ".join(f"{k} {v}/s" for k, v in d["images_per_s"].items())
-        lines.append(f"{i.name:<{width}}{r['status']:<9}{r['seconds']:>8.1f}  {note[:160]}")
-    return "\n".join(lines)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/gpu_check"),
-                   help="working directory: data, runs, logs/ (one log per item) and the report "
-                        "(default runs/gpu_check; its data/ and runs/ are remade each time)")
-    p.add_argument("--json", type=Path, default=None, help="the JSON report (default OUT/report.json)")
-    p.add_argument("--quick", action="store_true",
-                   help="a shorter pass: 410 synthetic images, 3 training steps, one bench pass of 256 images "
-                        "(every item still runs)")
-    p.add_argument("--only", default=None, metavar="PATTERNS",
-                   help="comma list of item-name patterns to run, e.g. 'train:*,loader:dali*'; the data items "
-                        "they need run too; the others are listed as skipped")
-    p.add_argument("--list", action="store_true", help="list the items and the GPU paths they cover, then exit")
-    p.add_argument("--images", type=int, default=None,
-                   help="synthetic CelebA size (default 1010, --quick 410: odd valid/test splits so two GPUs pad)")
-    p.add_argument("--steps", type=int, default=None, help="steps of each short training run (default 6, --quick 3)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size per process in the training runs (default 32)")
-    p.add_argument("--workers", type=int, default=2, help="loader workers/threads everywhere (default 2)")
-    p.add_argument("--ddp-processes", type=int, default=2,
-                   help="processes (GPUs) of the multi-GPU runs (default 2; needs that many GPUs)")
-    p.add_argument("--timeout", type=float, default=1200, help="seconds one item may run (default 1200)")
-    p.add_argument("--probe", help=argparse.SUPPRESS)        # internal: one make_loader probe, JSON out
-    args = p.parse_args(argv)
-    if args.images is None:
-        args.images = 410 if args.quick else 1010
-    if args.steps is None:
-        args.steps = 3 if args.quick else 6
-    for name in ("images", "steps", "batch_size", "ddp_processes"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.ddp_processes < 2:
-        p.error("--ddp-processes must be >= 2")
-    if args.workers < 0 or args.timeout <= 0:
-        p.error("--workers must be >= 0 and --timeout > 0")
-    if args.images < 50:
-        p.error("--images must be >= 50 (a split needs a full training batch)")
-    if args.images * 8 // 10 < args.batch_size * args.ddp_processes:
-        p.error(f"--images {args.images} gives fewer training images than one step of "
-                f"{args.batch_size} x {args.ddp_processes} processes; raise --images or lower --batch-size")
-    args.out = args.out.resolve()
-    args.json = (args.json or args.out / "report.json").resolve()
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--rank-hash"]:  # internal: launched by accelerate on every rank
         return rank_hash(argv[1:])
-    if argv[:1] == ["--facts"]:  # internal: torch's CUDA facts as JSON
-        print(json.dumps(torch_facts()))
+    if argv[:1] == ["--facts"]:  # internal: torch's CUDA facts, one result line
+        print(result_line(torch_facts()), flush=True)
         return 0
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     if args.probe:
         spec = json.loads(args.probe)
-        print(json.dumps([probe(s) for s in spec] if isinstance(spec, list) else probe(spec)))
+        print(result_line([probe(s) for s in spec] if isinstance(spec, list) else probe(spec)), flush=True)
         return 0
 
-    started, t0 = datetime.now(timezone.utc), time.perf_counter()
-    env = environment()
-    chk = Check(args, env)
+    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.monotonic()
+    env = environment(SCRIPT)
+    chk = Check(args, env, SCRIPT)
     items = build_items(chk)
-    names = [i.name for i in items]
     if args.list:
         for i in items:
-            print(f"{i.name:<28}{'needs ' + '+'.join(i.needs) if i.needs else 'any machine':<26}{i.what}")
+            print(f"{i.name:<28}{'needs ' + '+'.join(i.needs) if i.needs else 'any machine':<26}"
+                  f"~{i.estimate_s:>4.0f} s  {i.what}")
         return 0
-    selected = set(names)
-    if args.only:
-        patterns = [s.strip() for s in args.only.split(",") if s.strip()]
-        selected = {n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
-        if not selected:
-            print(f"error: --only {args.only!r} matches no item; see --list", file=sys.stderr)
-            return 2
-        for i in items:  # with their data
-            if i.name in selected:
-                for dep in i.after:
-                    selected.add(dep)
-                    selected.update(next(d for d in items if d.name == dep).after)
+    selected = select(items, args.only)
+    if not selected:
+        print(f"error: --only {args.only!r} matches no item; see --list", file=sys.stderr)
+        return 2
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         for sub in ("runs", "logs"):
@@ -907,32 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {args.out}: cannot write ({e.strerror}); pass another --out", file=sys.stderr)
         return 2
-    run_items(items, chk, selected)
 
-    from fastceleba.files import write_json
+    def report() -> dict:
+        return build_report(argv, args, env, items, PATHS, started, time.monotonic() - t0)
 
-    results = [i.result for i in items]
-    counts = {s: sum(r["status"] == s for r in results) for s in ("passed", "failed", "skipped")}
-    report = {
-        "format": REPORT_FORMAT, "version": REPORT_VERSION,
-        "command": " ".join([Path(sys.argv[0]).name] + argv), "quick": args.quick,
-        "started": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 1),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "probe"},
-        "environment": env, "summary": counts, "paths": PATHS, "items": results,
-        "uncovered_paths": sorted(set(PATHS) - {c for r in results if r["status"] == "passed" for c in r["covers"]}),
-    }
-    write_json(args.json, report)
-    t = env["torch"]
-    gpus = ", ".join(d["name"] for d in t.get("devices", [])) or "none"
-    print(f"fastceleba gpu check: torch {t['version']} (CUDA {t['cuda_build']}), driver "
-          f"{env.get('driver_version') or '-'}, DALI {env['dali']['version'] or 'not installed'}, "
-          f"GPUs: {gpus}, {env['cpu_count']} CPUs")
-    print(table(items))
-    print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped in "
-          f"{report['wall_s']:.0f} s; report: {args.json}")
-    if report["uncovered_paths"]:
-        print(f"GPU paths not verified on this machine: {', '.join(report['uncovered_paths'])}")
-    return 1 if counts["failed"] else 0
+    run_items(items, chk, selected, args.budget, t0, lambda: save_report(args.json, report()))
+    final = report()
+    save_report(args.json, final)
+    return print_summary(final, items, args.json)
 
 
 if __name__ == "__main__":

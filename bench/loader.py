@@ -11,13 +11,14 @@ without JPEGs (rgb64-N/, ``tools/shard.py --size 64 --no-jpeg``). Later runs reu
 Every loader runs in its own fresh process (so peak memory is its own): make the loader, run
 --warmup passes, then --repeats timed passes over the same --images images (shuffle on, as in
 training; DALI's per-epoch pipeline rebuild and DataLoader worker start-up are included). All
-loaders get the same --workers processes or threads. The table gives images/s (median, min,
-max), the ratio of medians to pil, the peak RSS of the loader's process tree (summed over the
-main process and its workers, sampled every 0.1 s: an upper bound, shared pages count per
-process), and "others": how many cores other processes kept busy during the run (machine busy
-time from /proc/stat minus the loader's own CPU time). --wait-idle waits, before each loader,
-until the cores are idle: on a shared machine other load decides the numbers. A "limits"
-section measures what one core can do with the same JPEGs: libjpeg-turbo (simplejpeg) decode
+loaders get the same --workers processes or threads; the table and the JSON say how many each
+really runs (threads for turbo, cache and dali, at least one; processes for pil and wds). The
+table gives images/s (median, min, max), the ratio of medians to pil, the peak RSS of the
+loader's process tree (summed over the main process and its workers, sampled every 0.1 s: an
+upper bound, shared pages count per process), and "others": how many cores other processes kept
+busy during the run (machine busy time from /proc/stat minus the loader's own CPU time).
+--wait-idle waits, before each loader, until the cores are idle: on a shared machine other load
+decides the numbers. A "limits" section measures what one core can do with the same JPEGs: libjpeg-turbo (simplejpeg) decode
 at full and at the reduced scale the turbo loader uses, and PIL decode + resize (pil's
 per-image work).
 """
@@ -161,7 +162,9 @@ def run_one(spec: dict) -> dict:
             one_pass()
         rates = [one_pass() for _ in range(spec["repeats"])]
     return {"loader": spec["name"], "kind": kind, "data": loader.member if kind != "pil" else "jpg-folder",
-            "device": str(device), "workers": spec["workers"], "images": target, "setup_s": setup_s,
+            "device": str(device), "images": target, "setup_s": setup_s,
+            # what the loader really runs (DALI on a GPU used to take every core whatever --workers said)
+            "workers": loader.workers, "workers_are": loader.workers_are, "workers_asked": spec["workers"],
             "rates": rates, "median": statistics.median(rates), "min": min(rates), "max": max(rates),
             "peak_rss_mb": mem.peak / 2**20}
 
@@ -261,7 +264,8 @@ def table(results: list[dict], info: dict, lim: dict) -> str:
              if others else f"load average at start {m['load_avg_at_start']} (--wait-idle not used)")
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; {quiet}",
              f"split {info['split']}, {info['images']} images per pass, batch {info['batch_size']}, "
-             f"{info['workers']} workers/threads each, {info['repeats']} repeats after {info['warmup']} warm-up",
+             f"--workers {info['workers']} for each (the workers column: what each loader runs), "
+             f"{info['repeats']} repeats after {info['warmup']} warm-up",
              "",
              f"{'loader':<11}{'data':<11}{'device':<7}{'workers':>8}{'img/s med':>11}{'min':>9}{'max':>9}"
              f"{'x pil':>8}{'peak RSS':>10}{'setup s':>9}{'others':>8}"]
@@ -270,7 +274,8 @@ def table(results: list[dict], info: dict, lim: dict) -> str:
             lines.append(f"{r['loader']:<11}error: {r['error']}")
             continue
         ratio = f"{r['median'] / base:.1f}x" if base else "-"
-        lines.append(f"{r['loader']:<11}{r['data']:<11}{r['device']:<7}{r['workers']:>8}{r['median']:>11.0f}"
+        workers = f"{r['workers']} {'thr' if r['workers_are'] == 'threads' else 'proc'}"
+        lines.append(f"{r['loader']:<11}{r['data']:<11}{r['device']:<7}{workers:>8}{r['median']:>11.0f}"
                      f"{r['min']:>9.0f}{r['max']:>9.0f}{ratio:>8}{r['peak_rss_mb']:>8.0f}MB"
                      f"{r['setup_s']:>9.2f}{r['other_load_cores']:>8.2f}")
     if lim:
@@ -385,7 +390,7 @@ def main(argv=None) -> int:
     report = {**info, "results": results, "limits": lim,
               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     atomic_write(args.json, json.dumps(report, indent=1) + "\n")
-    keys = ["loader", "data", "device", "workers", "median", "min", "max", "peak_rss_mb", "setup_s",
+    keys = ["loader", "data", "device", "workers", "workers_are", "median", "min", "max", "peak_rss_mb", "setup_s",
             "other_load_cores"]
     rows = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in results if "median" in r]
     atomic_write(args.csv, "\n".join(rows) + "\n")

@@ -17,7 +17,9 @@ Adam) at --batch-size (default 128, the notebook's):
    in a fresh process, against a "memory" feed measured the same way. Per step, the time blocked in
    next(loader) is data wait; reported: images/s and data wait as a fraction of step time (medians).
 
-On a GPU (CUDA available) both sections run on it, with a synchronize after each step. The machine
+Both set the kernels train.py sets (fastceleba.runtime.set_backends: on CUDA cuDNN's autotuner and TF32;
+recorded as "kernels"). On a GPU (CUDA available) both sections run on it and synchronise only around a
+timed run, as train.py lets the CPU queue the next step while the GPU runs this one. The machine
 (CPU model, cores, GPU, load average at start) is part of the table and of the --json output.
 With no --data, the synthetic CelebA and its shards are bench/loader.py's (made once under --cache-dir).
 """
@@ -42,6 +44,7 @@ from accelerate.utils import convert_outputs_to_fp32  # noqa: E402
 from fastceleba.errors import DataError  # noqa: E402
 from fastceleba.models import build_model  # noqa: E402
 from fastceleba.files import write_json  # noqa: E402
+from fastceleba.runtime import set_backends  # noqa: E402
 from fastceleba.train import make_loss_fn  # noqa: E402
 # a sibling bench script (running one puts bench/ first on sys.path): machine() and the synthetic shards
 import loader as loader_bench  # noqa: E402
@@ -69,8 +72,13 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work: at the edges of a timed run only (a sync per step, which train.py
+    does not do, would keep the CPU from queuing step N+1 while step N runs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def memory_batches(device: torch.device, batch_size: int, count: int = 4) -> list[torch.Tensor]:
@@ -93,13 +101,16 @@ def compute_section(args: argparse.Namespace, device: torch.device) -> list[dict
         start = time.perf_counter()
         for i in range(args.warmup):
             step(batches[i % len(batches)])
+        sync(device)
         steps[(model, mode, prec)] = (step, time.perf_counter() - start)
     rates: dict = {key: [] for key in steps}
     for r in range(args.repeats):  # round-robin: a burst of outside load hits every configuration
         for key, (step, _) in steps.items():
+            sync(device)
             start = time.perf_counter()
             for i in range(args.steps):
                 step(batches[i % len(batches)])
+            sync(device)
             rates[key].append(args.steps * args.batch_size / (time.perf_counter() - start))
     return [{"model": m, "mode": c, "precision": p, "warmup_s": steps[(m, c, p)][1], **summarize(rates[(m, c, p)])}
             for m, c, p in configs]
@@ -110,6 +121,7 @@ def run_fed(spec: dict) -> dict:
     from fastceleba.loaders import make_loader
 
     device = torch.device(spec["device"])
+    kernels = set_backends(deterministic=False, cuda=device.type == "cuda")  # a fresh process: set them again
     step = Step(spec["model"], spec["mode"] == "compiled", spec["precision"] == "bf16", device)
     kind, _, member = spec["feed"].partition(":")
     setup = time.perf_counter()
@@ -133,18 +145,20 @@ def run_fed(spec: dict) -> dict:
 
     def run(n: int) -> tuple[float, float]:
         wait = 0.0
+        sync(device)
         start = time.perf_counter()
         for _ in range(n):
             t = time.perf_counter()
-            batch = next(it)
+            batch = next(it)  # what train.py's loop blocks on (the GPU may still run earlier steps)
             wait += time.perf_counter() - t
             step(batch["image"])
+        sync(device)
         total = time.perf_counter() - start
         return n * spec["batch_size"] / total, wait / total
 
     run(spec["warmup"])
     results = [run(spec["steps"]) for _ in range(spec["repeats"])]
-    return {"feed": spec["feed"], "setup_s": setup, **summarize([r for r, _ in results]),
+    return {"feed": spec["feed"], "kernels": kernels, "setup_s": setup, **summarize([r for r, _ in results]),
             "data_wait": statistics.median([w for _, w in results]), "data_wait_runs": [w for _, w in results]}
 
 
@@ -161,7 +175,8 @@ def table(report: dict) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, torch {m['torch']}, "
              f"load average at start {m['load_avg_at_start']}",
              f"device {report['device']}, batch {report['batch_size']}, {report['repeats']} runs x "
-             f"{report['steps']} steps after {report['warmup']} warm-up steps; images/s median (min..max)", ""]
+             f"{report['steps']} steps after {report['warmup']} warm-up steps; images/s median (min..max); "
+             f"kernels: {report['kernels']}", ""]
     comp = report["compute"]
     if comp:
         lines.append("compute (batches already in memory):")
@@ -230,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args.precisions = args.precisions.split(",")
     feeds = [] if args.feeds == "none" else (args.feeds.split(",") if args.feeds else FEEDS)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kernels = set_backends(deterministic=False, cuda=device.type == "cuda")
     try:
         if any(f != "memory" for f in feeds):
             if args.data is None:
@@ -248,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(5)
     report = {"machine": loader_bench.machine(), "device": str(device), "batch_size": args.batch_size,
               "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "workers": args.workers,
-              "torch_threads": torch.get_num_threads(),
+              "torch_threads": torch.get_num_threads(), "kernels": kernels,
               "command": " ".join(["bench/train.py"] + sys.argv[1:] if argv is None else argv)}
     report["compute"] = compute_section(args, device) if args.modes and args.precisions else []
     report["fed_config"] = {"model": args.fed_model, "mode": args.fed_mode, "precision": args.fed_precision}

@@ -4,7 +4,7 @@ Accelerate's set-up, and saying things once.
 * ``make_accelerator``: the CPU only when asked (``--cpu``, ``ACCELERATE_USE_CPU``) or when the
   machine has no NVIDIA GPU at all; ``SetupError`` when it has GPUs that torch cannot use (a driver
   too old for this CUDA build), instead of eight processes training on the CPU without a word.
-* ``set_backends``: deterministic kernels, or on CUDA cuDNN's autotuner and TF32.
+* ``set_backends``: deterministic kernels without TF32, or on CUDA cuDNN's autotuner and TF32.
 * ``main_print`` / ``report``: one line per event, from rank 0, however many nodes.
 
 Nothing here reads data or trains.
@@ -75,15 +75,20 @@ def cpu_asked(args: argparse.Namespace) -> bool:
 
 
 def set_backends(deterministic: bool, cuda: bool) -> str:
-    """Deterministic kernels (--deterministic), or on CUDA the fast ones: cuDNN's autotuner and TF32
-    matmuls/convolutions. Returns what was set, for the start line."""
+    """Deterministic kernels in full fp32 (--deterministic: TF32 off for matmuls and convolutions), or
+    on CUDA the fast ones: cuDNN's autotuner and TF32 matmuls/convolutions. Returns what was set, for
+    the start line."""
     if deterministic:
         # cuBLAS needs this before its first handle; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        return "deterministic kernels"
+        # TF32 rounds inputs to 10 mantissa bits; cuDNN's is on by default and deterministic=True
+        # does not clear it, so a deterministic run would still convolve in TF32.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return "deterministic kernels, no TF32"
     if cuda:
         torch.backends.cudnn.benchmark = True  # batches have one shape: the autotuner pays once
         torch.backends.cuda.matmul.allow_tf32 = True

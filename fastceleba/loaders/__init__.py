@@ -81,7 +81,7 @@ import torch
 from ..errors import DataError
 from ..remote import RemoteDir, is_remote
 from ..shards import MANIFEST
-from .base import Loader
+from .base import DEFAULT_WORKERS, Loader
 from .cache import CacheLoader
 from .plan import batch_counts, epoch_seed, rank_plan, rank_slice
 from .split import LABELS, SplitData, TarMembers, choose_member, open_split
@@ -89,13 +89,13 @@ from .turbo import SampleReader, TurboLoader
 
 KINDS = ("pil", "dali", "wds", "cache", "turbo")
 
-__all__ = ["KINDS", "LABELS", "Loader", "SplitData", "make_loader", "open_split", "choose_member",
+__all__ = ["KINDS", "DEFAULT_WORKERS", "LABELS", "Loader", "SplitData", "make_loader", "open_split", "choose_member",
            "batch_counts", "rank_plan", "rank_slice", "epoch_seed", "TarMembers", "SampleReader"]
 
 
 def make_loader(kind: str, data: str | os.PathLike, split: str, batch_size: int, *,
                 device: str | torch.device | None = None, shuffle: bool = False, seed: int = 0,
-                drop_last: bool = False, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                drop_last: bool = False, rank: int = 0, world_size: int = 1, num_workers: int | None = None,
                 crop: int | None = None, flip: bool = False, size: int = 64, member: str = "auto",
                 folder: str | os.PathLike | None = None, verify: bool = False,
                 progress: bool | None = None) -> Loader:
@@ -105,12 +105,14 @@ def make_loader(kind: str, data: str | os.PathLike, split: str, batch_size: int,
     holding {name}. member: "jpg", "rgb" or "auto" (not for pil). folder: pil's image folder
     (default: the manifest's image_dir). verify: check every shard's sha256 first. progress:
     the cache's decode progress bar (None: only on a terminal). num_workers: DataLoader worker
-    processes (pil, wds) or threads (turbo, cache build, DALI). Never pass the result through
-    accelerator.prepare(): it is already sharded by rank.
+    processes (pil, wds) or threads (turbo, cache build, DALI), taken as given; None (default):
+    DEFAULT_WORKERS (2), and for DALI on a GPU this process's share of the cores. ``loader.workers``
+    says how many it uses. Never pass the result through accelerator.prepare(): it is already
+    sharded by rank.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if batch_size < 1 or size < 1 or (crop is not None and crop < 1) or num_workers < 0 or seed < 0:
+    if batch_size < 1 or size < 1 or (crop is not None and crop < 1) or (num_workers or 0) < 0 or seed < 0:
         raise ValueError("batch_size, size and crop must be positive; num_workers and seed >= 0")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -125,6 +127,8 @@ def make_loader(kind: str, data: str | os.PathLike, split: str, batch_size: int,
     if sd.num_samples < world_size:
         raise DataError(f"{sd.root / MANIFEST}: split {split!r} has {sd.num_samples} samples, fewer than "
                         f"world_size={world_size} ranks; use fewer processes")
+    if num_workers is None and kind != "dali":  # DALI chooses its own default (dali.pipeline_threads)
+        num_workers = DEFAULT_WORKERS
     common = dict(batch_size=batch_size, device=dev, shuffle=shuffle, seed=seed, drop_last=drop_last,
                   rank=rank, world_size=world_size, num_workers=num_workers, crop=crop, flip=flip,
                   size=size)

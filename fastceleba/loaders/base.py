@@ -23,6 +23,7 @@ class Loader:
     """What make_loader returns: ``len()`` batches per epoch on this rank, ``iter()`` one epoch."""
 
     kind = "?"
+    threaded = False  # workers are threads in this process (turbo, cache, dali), not forked processes
 
     def __init__(self, sd: SplitData | None, num_samples: int, batch_size: int, *, member: str,
                  device: torch.device, shuffle: bool, seed: int, drop_last: bool, rank: int,
@@ -44,6 +45,15 @@ class Loader:
 
     def _where(self) -> str:
         return str(self.sd.root / MANIFEST) + f" split {self.sd.split!r}" if self.sd else "loader"
+
+    @property
+    def workers(self) -> int:
+        """How many workers this loader really uses: threads (at least one) or processes (0: none)."""
+        return max(1, self.num_workers) if self.threaded else self.num_workers
+
+    @property
+    def workers_are(self) -> str:
+        return "threads" if self.threaded else "processes"
 
     def __len__(self) -> int:
         return self.num_batches
@@ -96,6 +106,9 @@ def hwc_to_float(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     if out is None:  # contiguous CHW: np.divide alone would keep the input's HWC strides
         out = np.empty((len(images), 3, *images.shape[1:3]), np.float32)
     return np.divide(images.transpose(0, 3, 1, 2), np.float32(255), out=out, dtype=np.float32)
+
+
+DEFAULT_WORKERS = 2  # make_loader's num_workers when none is given (DALI on a GPU: the cores)
 
 
 def cores_per_local_rank() -> int:

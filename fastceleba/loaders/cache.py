@@ -69,6 +69,7 @@ class CacheLoader(Loader):
     where the copy is and how many chunks this process decoded."""
 
     kind = "cache"
+    threaded = True  # the build's decoding threads
 
     def __init__(self, sd: SplitData, progress: bool | None = None, shared: bool | None = None, **kw):
         super().__init__(sd, sd.num_samples, **kw)

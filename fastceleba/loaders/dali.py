@@ -40,7 +40,7 @@ from nvidia.dali import Pipeline, fn, types
 
 from ..errors import DataError
 from ..transforms import check_geometry, crop_box
-from .base import Loader, cores_per_local_rank
+from .base import DEFAULT_WORKERS, Loader, cores_per_local_rank
 from .plan import split_batches
 from .split import SplitData, TarMembers
 
@@ -148,6 +148,15 @@ def graph_ops(pipe: Pipeline) -> list[OpInfo]:
     return list(found.values())
 
 
+def pipeline_threads(num_workers: int | None, gpu: bool) -> int:
+    """The pipeline's CPU threads: ``num_workers`` when given (at least one), so a benchmark gives every
+    loader the same; when not, on a GPU this process's share of the cores (nvJPEG's host stages, parsing
+    and Huffman decoding, run on them), on the CPU ``DEFAULT_WORKERS``."""
+    if num_workers is not None:
+        return max(1, num_workers)
+    return cores_per_local_rank() if gpu else DEFAULT_WORKERS
+
+
 class _Feed:
     """What DALI's external source pulls: every ``iter()`` is one epoch, the batches the loader
     planned (sample indices and flips), read from the tars. It holds no reference to the loader or
@@ -236,15 +245,16 @@ class DaliLoader(Loader):
     """
 
     kind = "dali"
+    threaded = True
 
     def __init__(self, sd: SplitData, **kw):
         super().__init__(sd, sd.num_samples, **kw)
         self.gpu = self.device.type == "cuda"
-        if self.gpu:  # nvJPEG's host stages run on these threads: give each GPU its share of the cores
+        self.threads = self.num_workers = pipeline_threads(self.num_workers, self.gpu)
+        if self.gpu:
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.threads = max(1, self.num_workers, cores_per_local_rank())
         else:
-            self.device_id, self.threads = None, max(1, self.num_workers)
+            self.device_id = None
         tar = TarMembers(sd, [sd.ext(self.member)] + [name for name, _ in sd.labels])
         self.labels = {k: torch.from_numpy(v).to(self.device) for k, v in tar.labels().items()}
         self.feed = _Feed(tar, self.member, self.size, self.crop, str(sd.root), self.threads)

@@ -145,6 +145,7 @@ def serial_torch_thread() -> None:
 
 class TurboLoader(Loader):
     kind = "turbo"
+    threaded = True
     prefetch = 2  # batches in flight beyond the one being handed out
 
     def __init__(self, sd: SplitData, **kw):
