@@ -119,7 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=None,
                    help="centre crop (pixels) before resizing to 64, e.g. 148; default: the notebook's resize+crop")
     p.add_argument("--flip", action="store_true", help="random horizontal flips of training images")
-    p.add_argument("--workers", type=int, default=2, help="loader worker threads/processes per training process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader worker threads/processes per training process (default 2; DALI on a GPU: this "
+                        "process's share of the CPU cores, which nvJPEG's host stages use)")
     p.add_argument("--eval-every", type=int, default=1,
                    help="evaluate on the valid split every N epochs and after the last (0: never)")
     p.add_argument("--log-every", type=int, default=10,
