@@ -163,8 +163,9 @@ def split_entry(root, split: str, manifest: dict) -> dict:
 
 
 def split_keys(root: RemoteDir, split: str, manifest: dict) -> list[str]:
-    """Image file names of a split, in shard order (``{split}.keys.txt``)."""
-    return read_bytes(root / split_entry(root, split, manifest)["keys"]).decode("utf-8").split()
+    """Image file names of a split, in shard order (from its keys file)."""
+    text = read_bytes(root / split_entry(root, split, manifest)["keys"]).decode("utf-8")
+    return shards.image_names(text, manifest)
 
 
 def fetch(src: str | os.PathLike, dest: Path, *, size: int | None = None, sha256: str | None = None,

@@ -1,7 +1,9 @@
 """The shard format: finding, reading and verifying the WebDataset tars (fastceleba.shardwriter writes them).
 
 A shard directory holds, per split, ``{split}-NNNNN.tar`` with a DALI index ``.idx`` beside it,
-``{split}.keys.txt`` (the image names in shard order) and one ``manifest.json``. Each sample is
+``{split}set-keys.txt`` (the samples' webdataset keys, ``000123``, in shard order) and one ``manifest.json``.
+Format v2 called the keys file ``{split}.keys.txt`` and listed image file names (``000123.jpg``); that
+name made Hugging Face ``datasets.load_dataset(DIR)`` take it for a text data file of the split. Each sample is
 stored under the image stem with these members (each only when available):
 
     jpg    the original JPEG bytes, verbatim
@@ -30,15 +32,27 @@ import simplejpeg
 from .errors import DataError
 
 FORMAT = "fastceleba-shards"
-FORMAT_VERSION = 2  # v2: the raw image member is .rgb8 (v1: .rgb); index checksums; file-number num
-READ_VERSIONS = (1, 2)  # manifests this version reads
+FORMAT_VERSION = 3  # v3: {split}set-keys.txt of keys; v2: the raw member is .rgb8 (v1: .rgb), index checksums
+READ_VERSIONS = (1, 2, 3)  # manifests this version reads
 RAW_MEMBER = "rgb8"  # size x size x 3 uint8: a name webdataset's decoders leave as bytes
 LEGACY_RAW_MEMBER = "rgb"  # the v1 name
 MANIFEST = "manifest.json"
 PARTIAL_DIR = ".partial"  # per-shard records of an unfinished run, for resuming
 TAR_BLOCK = 512
 # The files a run writes into OUT (so a later run may remove them, and only them).
-OUR_FILE = re.compile(r"(?:train|valid|test)(?:-\d{5}\.(?:tar|idx)|\.keys\.txt)")
+OUR_FILE = re.compile(r"(?:train|valid|test)(?:-\d{5}\.(?:tar|idx)|set-keys\.txt|\.keys\.txt)")
+
+
+def keys_file(split: str) -> str:
+    """The keys file's name: the split word is followed by no separator, so Hugging Face datasets' split
+    patterns (``train[-._ 0-9]*``, ...) do not take it for a data file of the split."""
+    return f"{split}set-keys.txt"
+
+
+def image_names(text: str, manifest: dict) -> list[str]:
+    """A keys file's text as image file names (v3 lists keys, ``000123``; v1/v2 names, ``000123.jpg``)."""
+    lines = text.split()
+    return [k + ".jpg" for k in lines] if manifest.get("format_version", 0) >= 3 else lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,11 +128,11 @@ def shard_paths(root: Path, split: str, manifest: dict | None = None) -> list[tu
 def split_keys(root: Path, split: str, manifest: dict | None = None) -> list[str]:
     """Image file names of a split, in shard order."""
     root = Path(root)
-    _, entry = _split_entry(root, split, manifest)
+    manifest, entry = _split_entry(root, split, manifest)
     path = root / entry["keys"]
     if not path.is_file():
         raise DataError(f"{path}: missing; re-run tools/shard.py with the same arguments")
-    return path.read_text().split()
+    return image_names(path.read_text(), manifest)
 
 
 def check_checksums(root: Path, split: str, manifest: dict | None = None) -> None:

@@ -29,8 +29,8 @@ from . import __version__
 from .celeba import ATTR_NAMES, LANDMARK_NAMES, SPLITS, CelebA, load_celeba
 from .errors import DataError
 from .files import atomic_write
-from .shards import (FORMAT, FORMAT_VERSION, MANIFEST, OUR_FILE, PARTIAL_DIR, RAW_MEMBER, TAR_BLOCK,
-                     file_sha256, sha256_hex)
+from .shards import (FORMAT, FORMAT_VERSION, MANIFEST, OUR_FILE, PARTIAL_DIR, RAW_MEMBER, TAR_BLOCK, file_sha256,
+                     keys_file, sha256_hex)
 from .transforms import resize_crop_array
 
 
@@ -293,7 +293,7 @@ def _prepare_out(out: Path, run_id: str, inputs: dict, log) -> None:
         if foreign:
             raise DataError(f"{out}: already holds tar shards not made by tools/shard.py ({foreign[0]}); "
                             "choose an empty directory")
-        if any(n.endswith(".keys.txt") and OUR_FILE.fullmatch(n) for n in names):
+        if any(n.endswith("keys.txt") and OUR_FILE.fullmatch(n) for n in names):
             log(f"{out}: shards without {MANIFEST} (deleted?); making them again")
             _remove_ours(out)
         elif any(OUR_FILE.fullmatch(n) for n in names):
@@ -418,8 +418,9 @@ def _finish(ds: CelebA, out: Path, opts: ShardOptions, run_id: str, inputs: dict
     for split in SPLITS:
         shards = [records[t] for t in sorted(records) if t.startswith(split + "-")]
         keys = [k for s in shards for k in s["keys"]]
-        atomic_write(out / f"{split}.keys.txt", "".join(k + "\n" for k in keys).encode())
-        splits[split] = {"num_samples": len(keys), "keys": f"{split}.keys.txt",
+        # webdataset keys (the image stems): what `sample["__key__"]` is for a reader of the tars
+        atomic_write(out / keys_file(split), "".join(k.rsplit(".", 1)[0] + "\n" for k in keys).encode())
+        splits[split] = {"num_samples": len(keys), "keys": keys_file(split),
                          "shards": [{k: s[k] for k in ("tar", "index", "num_samples", "bytes", "sha256",
                                                        "index_sha256")} for s in shards]}
         skipped += [x for s in shards for x in s["skipped"]]

@@ -368,7 +368,7 @@ def test_raw_member_of_old_shards_is_still_found(shards, tmp_path):
     copy = tmp_path / "v1"
     shutil.copytree(shards, copy)
     manifest = json.loads((copy / MANIFEST).read_text())
-    assert manifest["format_version"] == 2 and raw_member(manifest) == RAW_MEMBER
+    assert manifest["format_version"] == 3 and raw_member(manifest) == RAW_MEMBER
     manifest["format_version"] = 1
     manifest["members"] = {("rgb" if k == RAW_MEMBER else k): v for k, v in manifest["members"].items()}
     del manifest["raw_member"]

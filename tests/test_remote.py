@@ -158,7 +158,7 @@ def test_staged_directory_is_read_by_every_loader(shards, http_shards, tmp_path)
 def test_stage_some_splits_then_more_from_a_pipe(shards, tmp_path):
     dest, src = tmp_path / "local", f"pipe:cat {shlex.quote(str(shards))}/{{name}}"
     assert stage_cli.main([src, str(dest), "--split", "valid", "--no-progress"]) == 0
-    assert sorted(p.name for p in dest.iterdir()) == [MANIFEST, "valid-00000.idx", "valid-00000.tar", "valid.keys.txt"]
+    assert sorted(p.name for p in dest.iterdir()) == [MANIFEST, "valid-00000.idx", "valid-00000.tar", "validset-keys.txt"]
     with pytest.raises(DataError, match="no split 'train'; choose one of valid"):
         make_loader("turbo", dest, "train", 8)
     assert stage_cli.main([src, str(dest), "--split", "test", "--no-progress"]) == 0

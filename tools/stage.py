@@ -6,7 +6,7 @@
     python tools/stage.py /nfs/shards /local/shards --split test
 
 SRC is what `--data` accepts: a shard directory, an http(s) URL of one, or a webdataset pipe:
-command in which {name} stands for each file name (manifest.json, TRAIN.keys.txt, the tars and
+command in which {name} stands for each file name (manifest.json, the keys files, the tars and
 their .idx). Every tar's size and sha256 are checked against the manifest and every .idx against
 its tar; each file appears under its name only when complete and correct. The manifest is written
 last and lists the splits staged so far, so DEST is an ordinary shard directory that every loader
