@@ -112,11 +112,13 @@ class VAE(nn.Module):
         return self.decode(z), mu, logvar
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode n draws z ~ N(0, I) from the prior (no grad); the generator must live on the model's device."""
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Decode n draws z ~ N(0, T² I) from the prior at temperature T (no grad; T = 1 is the prior itself,
+        a lower T keeps z where the posteriors put most of their mass); the generator must live on the
+        model's device."""
         weight = self.dec_fc.weight
         z = torch.randn(n, self.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype)
-        return self.decode(z)
+        return self.decode(z * temperature if temperature != 1.0 else z)
 
 
 def build_model(name: str, latent_dim: int = 80) -> nn.Module:

@@ -57,12 +57,20 @@ def reconstructions(model: torch.nn.Module, x: torch.Tensor, path: str | os.Path
     return save_rows([x, reconstruct(model, x)], path, ["original", "reconstruction"])
 
 
+SAMPLE_TEMPERATURES = (1.0, 0.7)
+
+
 @torch.no_grad()
-def samples(model: VAE, path: str | os.PathLike, n: int = 64, seed: int = 0) -> Path:
-    """n faces decoded from z ~ N(0, I), 8 per row."""
+def samples(model: VAE, path: str | os.PathLike, n: int = 32, seed: int = 0,
+            temperatures: Sequence[float] = SAMPLE_TEMPERATURES) -> Path:
+    """n draws from the prior, 8 per row, each row decoded at every temperature (rows labelled "T = 1",
+    "T = 0.7"): the same z at a lower temperature shows what the noise of the T = 1 samples hides."""
     device = next(model.parameters()).device
-    images = model.sample(n, generator=torch.Generator(device=device).manual_seed(seed))
-    return save_rows(list(images.split(8)), path)
+    # the same draws at every temperature: each starts the generator afresh
+    by_t = [model.sample(n, generator=torch.Generator(device=device).manual_seed(seed), temperature=t).split(8)
+            for t in temperatures]
+    rows = [images[k] for k in range(len(by_t[0])) for images in by_t]
+    return save_rows(rows, path, [f"T = {t:g}" for _ in by_t[0] for t in temperatures])
 
 
 @torch.no_grad()

@@ -208,6 +208,9 @@ def test_vae_sample_uses_generator():
     z = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(a, model.decode(z))
+        # At temperature T the same draws, scaled: z ~ N(0, T^2 I).
+        cold = model.sample(3, generator=torch.Generator().manual_seed(1), temperature=0.5)
+        assert torch.equal(cold, model.decode(0.5 * z)) and not torch.equal(cold, a)
 
 
 def test_ae_loss_hand_computed():
