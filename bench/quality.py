@@ -13,7 +13,7 @@ the cache loader, batch 128, no flips, on one process. With no --data it makes a
 images once under --cache-dir (tools/make_synthetic.py, then tools/shard.py --size 64).
 
 For every run it reads summary.json: test PSNR and the mean-image PSNR, the VAE's KL per image and active
-latents, the dead-unit fraction of every ReLU layer, the health verdict, and the wall time of the process.
+latents, FID/KID of prior samples and reconstructions (fastceleba/fid.py; "–" where not computed), the dead-unit fraction of every ReLU layer, the health verdict, and the wall time of the process.
 Writes OUT/quality.json (every run, and per model x recipe the mean, min, max and spread of each number)
 and OUT/quality.md (the same as Markdown tables), and prints the tables.
 Exit status: 0 done; 2 bad input or a run that failed; a run that diverged (train.py exit 3) is listed.
@@ -45,7 +45,11 @@ TRAIN = ROOT / "fastceleba" / "train.py"
 SECONDS = "bench_seconds.txt"  # a finished run's wall time, beside its summary.json
 COMMAND = "bench_command.json"  # and the train.py arguments that made it
 EXIT_DIVERGED = 3
-NUMBERS = ("psnr", "baseline_psnr", "psnr_gain", "kld", "active_units", "seconds")
+NUMBERS = ("psnr", "baseline_psnr", "psnr_gain", "kld", "active_units", "seconds", "fid", "fid_recon", "kid",
+           "rfd", "rfd_recon", "rkid")
+# summary.json's sample_quality (fastceleba/fid.py): FID/KID with the Inception weights, rfd/rkid with
+# `-- --sample-features random-conv` (a random conv net: NOT FID); null where not computed
+QUALITY = ("fid", "fid_recon", "kid", "rfd", "rfd_recon", "rkid")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -175,7 +179,8 @@ def run_one(args: argparse.Namespace, data: Path, model: str, recipe: str, seed:
     return {**row, "status": "ok", "seconds": seconds, "psnr": test["psnr"], "baseline_psnr": test["baseline_psnr"],
             "psnr_gain": test["psnr_gain"], "kld": test.get("kld"), "active_units": test.get("active_units"),
             "latent_dim": test.get("latent_dim"), "dead_fraction": test.get("dead_fraction", {}),
-            "collapsed": summary["health"]["collapsed"], "problems": summary["health"]["problems"]}
+            "collapsed": summary["health"]["collapsed"], "problems": summary["health"]["problems"],
+            **{k: (summary.get("sample_quality") or {}).get(k) for k in QUALITY}}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -206,25 +211,35 @@ def markdown(rows: list[dict], summary: list[dict], info: dict) -> str:
     def num(v, fmt):
         return "–" if v is None else format(v, fmt)
 
+    # the sample distances of these runs: FID/KID, else the random-feature stand-ins, named as what they are
+    fd = next((k for k in ("fid", "rfd") if any(r.get(k) is not None for r in rows)), "fid")
+    kd = {"fid": "kid", "rfd": "rkid"}[fd]
+    FD, KD = {"fid": ("FID", "KID"), "rfd": ("rFD (random features, not FID)", "rKID")}[fd]
+
+    def pair(r: dict, a: str, b: str, scale: float = 1.0) -> str:
+        return "–" if r.get(a) is None else f"{scale * r[a]:.2f} / {num(r.get(b) and scale * r[b], '.2f')}"
+
     m = info["machine"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
              f"{info['epochs']} epochs, batch {info['batch_size']}, loader {info['loader']}", "",
              "| model | recipe | seed | test PSNR | mean-image PSNR | KL/image | active latents "
-             "| dead % per ReLU layer | collapsed | wall s |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+             f"| {FD} samples / recon | {KD} x1000 samples | dead % per ReLU layer | collapsed | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         if r["status"] == "not run":
             continue
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['status']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['status']} | | | | | | | | |")
             continue
         dead = " ".join(f"{n} {100 * f:.0f}" for n, f in r["dead_fraction"].items())
         active = f"{r['active_units']}/{r['latent_dim']}" if r.get("active_units") is not None else "–"
         lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['psnr']:.2f} | {r['baseline_psnr']:.2f} | "
-                     f"{num(r.get('kld'), '.1f')} | {active} | {dead} | {'yes' if r['collapsed'] else 'no'} | "
+                     f"{num(r.get('kld'), '.1f')} | {active} | {pair(r, fd, fd + '_recon')} | "
+                     f"{num(r.get(kd) and 1000 * r[kd], '.2f')} | {dead} | {'yes' if r['collapsed'] else 'no'} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", "| model | recipe | runs | test PSNR mean (min – max) | spread | KL/image mean "
-              "| active latents min | worst dead % (layer) | collapsed runs |",
-              "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+              f"| active latents min | {FD} samples mean | worst dead % (layer) | collapsed runs |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for s in summary:
         p = s.get("psnr")
         worst = max(s["dead_fraction_max"].items(), key=lambda kv: kv[1], default=None)
@@ -232,6 +247,7 @@ def markdown(rows: list[dict], summary: list[dict], info: dict) -> str:
             f"| {s['model']} | {s['recipe']} | {s['ok']}/{s['seeds']} | "
             + (f"{p['mean']:.2f} ({p['min']:.2f} – {p['max']:.2f}) | {p['spread']:.2f}" if p else "– | –")
             + f" | {num(s.get('kld', {}).get('mean'), '.1f')} | {num(s.get('active_units', {}).get('min'), '.0f')} | "
+            + f"{num(s.get(fd, {}).get('mean'), '.2f')} | "
             + (f"{100 * worst[1]:.0f} ({worst[0]})" if worst else "–") + f" | {s['collapsed']} |")
     return "\n".join(lines) + "\n"
 

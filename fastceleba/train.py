@@ -30,7 +30,7 @@ if __name__ == "__main__" and not __package__:
 import torch
 from accelerate.utils import set_seed
 
-from fastceleba import health, pictures
+from fastceleba import fid, health, pictures
 from fastceleba.checkpoints import save_checkpoint, scaler_saved_once
 from fastceleba.distributed import peer_lost, release_group
 from fastceleba.errors import DataError
@@ -175,6 +175,18 @@ def train(args: argparse.Namespace, stop: StopSignal | None = None) -> tuple[tor
     return run.raw, finish(args, run, evaluator, step, skipped_steps, valid_metrics)
 
 
+def sample_quality(args: argparse.Namespace, run: Run) -> dict:
+    """FID/KID (or the random-feature stand-ins) on the test split at T = 1; the reason where not computed."""
+    features, why = fid.make_features(args.sample_features, args.inception_weights, run.accelerator)
+    if features is None:
+        run.log(f"note: FID/KID not computed: {why}; pass --inception-weights PATH (torch-fidelity's "
+                f"{fid.STANDARD_FILE}) or set {fid.ENV_WEIGHTS}")
+        return fid.not_computed(args.sample_features, why)
+    quality = fid.sample_quality(run.raw, run.test_loader, run.accelerator, features, seed=args.seed)
+    release(run.test_loader)
+    return quality
+
+
 def finish(args: argparse.Namespace, run: Run, evaluator: Evaluator, step: int, skipped_steps: int,
            valid_metrics: dict) -> dict:
     """Test evaluation, the health verdict, pictures, weights and summary.json; returns the summary."""
@@ -189,6 +201,10 @@ def finish(args: argparse.Namespace, run: Run, evaluator: Evaluator, step: int, 
     if run.test_loader and not args.no_test:
         summary["test"] = evaluator(run.test_loader)
         log(f"test: {format_metrics(summary['test'])}")
+        if args.sample_features != "none":
+            summary["sample_quality"] = quality = sample_quality(args, run)
+            if quality["computed"]:
+                log(f"test sample quality: {fid.format_quality(quality)}")
     # The verdict: judged on test when it was evaluated, else on valid.
     judged = "test" if summary.get("test", {}).get("num_samples") else "valid"
     found = health.problems(summary.get(judged, {}))
@@ -203,7 +219,11 @@ def finish(args: argparse.Namespace, run: Run, evaluator: Evaluator, step: int, 
     if acc.is_main_process:
         save_pretrained(run.raw, run.out, {"image_size": 64, "crop": args.crop, "steps": step})
         write_json(run.out / "summary.json", summary)
-        log(f"wrote {run.out / 'model.safetensors'} and {run.out / 'summary.json'}")
+        test = summary.get("test", {})
+        done = f"; test PSNR {test['psnr']:.2f} dB" if test.get("num_samples") else ""
+        if "sample_quality" in summary:
+            done += f", {fid.format_quality(summary['sample_quality'])}"
+        log(f"wrote {run.out / 'model.safetensors'} and {run.out / 'summary.json'}{done}")
     acc.wait_for_everyone()
     acc.end_training()
     return summary

@@ -132,6 +132,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-test", action="store_true",
                    help="skip the final test evaluation (for model selection, e.g. tools/sweep.py)")
     p.add_argument("--no-pictures", action="store_true", help="write no PNG pictures")
+    p.add_argument("--sample-features", choices=("inception", "random-conv", "none"), default="inception",
+                   help="after the test evaluation: FID and KID of prior samples (T = 1) and of reconstructions "
+                        "against the test images (inception, the default: the standard features, computed only "
+                        "with the standard weights, else recorded as null with one note: line); random-conv: "
+                        "the same distances in a fixed random conv net's features, named rfd/rkid (NOT FID, no "
+                        "weights needed); none: skip (fastceleba/fid.py)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or a .safetensors of it); "
+                        "default: $FASTCELEBA_INCEPTION_WEIGHTS, else torch's hub cache, else a download into it "
+                        "unless FASTCELEBA_OFFLINE=1 or HF_HUB_OFFLINE=1")
     add_recipe_arguments(p)
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "global_batch_size", "latent_dim", "log_every", "workers", "eval_every",
@@ -141,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         minimum = 0 if name in ("workers", "eval_every", "attr_images", "checkpoint_every_steps") else 1
         if getattr(args, name) < minimum:
             p.error(f"--{name.replace('_', '-')} must be >= {minimum}")
+    if args.inception_weights and not os.path.isfile(os.path.expanduser(args.inception_weights)):
+        p.error(f"--inception-weights {args.inception_weights}: no such file")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be >= 1")
     check_recipe_arguments(p, args)

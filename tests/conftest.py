@@ -1,5 +1,6 @@
 """Shared test data: one small synthetic CelebA and its shards, made once per test session."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -7,6 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests never download (the Inception weights of fastceleba/fid.py); runs they start inherit this.
+os.environ.setdefault("FASTCELEBA_OFFLINE", "1")
 sys.path.insert(0, str(ROOT))  # tools/ and bench/ scripts import fastceleba from the checkout
 
 from fastceleba.shardwriter import ShardOptions, write_shards  # noqa: E402

@@ -29,9 +29,11 @@ def test_quality_tables_every_run_and_reuses_finished_ones(tmp_path):
         summary = json.loads((Path(r["run"]) / "summary.json").read_text())
         assert r["psnr"] == summary["test"]["psnr"] and r["dead_fraction"] == summary["test"]["dead_fraction"]
         assert r["latent_dim"] == 80 and 0 <= r["active_units"] <= 80
+        assert r["fid"] == summary["sample_quality"]["fid"] and r["fid_recon"] == summary["sample_quality"]["fid_recon"]
     assert [s["recipe"] for s in report["summary"]] == ["default", "notebook"]
     table = (out / "quality.md").read_text()
     assert "| vae | default | 0 |" in table and "| vae | notebook | 1/1 |" in table
+    assert "| FID samples / recon | KID x1000 samples |" in table  # "–" here: tests have no Inception weights
     # a second call trains nothing: the finished runs are reused
     again = bench("quality.py", "--synthetic", "120", "--cache-dir", tmp_path / "data", "--out", out, "--models",
                   "vae", "--recipes", "default,notebook", "--seeds", "0", "--epochs", "1", "--batch-size", "16")

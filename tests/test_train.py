@@ -167,7 +167,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(data, tmp_path):
 def test_two_cpu_processes_train_together(data, tmp_path):
     out = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    ok(run("--data", data, "--out", out, "--epochs", "1", "--no-pictures", *FAST,
+    ok(run("--data", data, "--out", out, "--epochs", "1", "--no-pictures", "--sample-features", "random-conv", *FAST,
            launcher=launcher, script=ROOT / "tests" / "train_rank_hash.py"))
     hashes = {p.read_text() for p in out.glob("weights-rank*.sha256")}
     assert len(list(out.glob("weights-rank*.sha256"))) == 2 and len(hashes) == 1  # identical replicas
@@ -176,6 +176,8 @@ def test_two_cpu_processes_train_together(data, tmp_path):
     assert summary["num_processes"] == 2 and summary["steps"] == 12
     assert summary["valid"]["num_samples"] == SPLITS["valid"]
     assert summary["test"]["num_samples"] == SPLITS["test"]
+    # the random-feature distances gather both ranks' features: every test image once, padding left out
+    assert summary["sample_quality"]["num_images"] == SPLITS["test"] and summary["sample_quality"]["rfd"] > 0
     assert sorted(p.name for p in (out / "checkpoints" / "epoch_1").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
 
