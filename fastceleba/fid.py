@@ -43,6 +43,7 @@ from torch import nn
 
 from fastceleba.files import atomic_path
 from fastceleba.models import VAE
+from fastceleba.pictures import reconstruct
 from fastceleba.shards import file_sha256 as sha256
 
 STANDARD_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -250,8 +251,7 @@ def sample_quality(model: nn.Module, loader: Iterable[dict], accelerator: Any, f
         if x.shape[0] == 0:
             continue
         with accelerator.autocast():
-            recon = model.decode(model.encode(x)[0]) if is_vae else model(x)
-            images = {"recon": recon}
+            images = {"recon": reconstruct(model, x)}
             if is_vae:
                 images["samples"] = model.sample(x.shape[0], generator=gen, temperature=temperature)
         with torch.autocast(device.type, enabled=False), full_float32():  # the feature net in true float32
