@@ -132,6 +132,28 @@ class TarMembers:
         """Member ``ext`` of sample ``i`` (os.pread: thread-safe, releases the GIL)."""
         return os.pread(self._fds[self.shard[i]], int(self.length[ext][i]), int(self.offset[ext][i]))
 
+    def read_many(self, idx: np.ndarray, ext: str, arena: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Member ``ext`` of each sample in idx, read back to back into the uint8 ``arena`` (a new,
+        larger one when it is too small): one os.preadv each and no per-sample allocation, since
+        a fresh 10-20 kB bytes object costs twice the read itself (measured: 8.7 against 2.2 us
+        per JPEG on the dev VM). Returns the arena, to pass again next time, and a view of each
+        member in it. Not thread-safe for one arena: give each thread its own."""
+        lengths = self.length[ext][idx]
+        ends = np.cumsum(lengths).tolist()
+        total = ends[-1] if ends else 0
+        if arena is None or len(arena) < total:
+            arena = np.empty(max(total, 0 if arena is None else 2 * len(arena)), np.uint8)
+        views = []
+        for j, (s, off, n, end) in enumerate(zip(self.shard[idx].tolist(), self.offset[ext][idx].tolist(),
+                                                 lengths.tolist(), ends)):
+            view = arena[end - n:end]
+            if os.preadv(self._fds[s], [view], off) != n:
+                raise DataError(f"{self.where(idx[j])}: .{ext} member ends past the end of the file "
+                                "(truncated); re-run tools/shard.py with the same arguments")
+            views.append(view)
+        return arena, views
+
     def read_into(self, i: int, ext: str, buf: np.ndarray) -> None:
         """Member ``ext`` of sample ``i`` straight into ``buf`` (which must have its size)."""
         n = os.preadv(self._fds[self.shard[i]], [memoryview(buf)], int(self.offset[ext][i]))
