@@ -20,7 +20,9 @@ busy during the run (machine busy time from /proc/stat minus the loader's own CP
 --wait-idle waits, before each loader, until the cores are idle: on a shared machine other load
 decides the numbers. A "limits" section measures what one core can do with the same JPEGs: libjpeg-turbo (simplejpeg) decode
 at full and at the reduced scale the turbo loader uses, and PIL decode + resize (pil's
-per-image work).
+per-image work); and the reduced-scale decode on all cores at once. "share_of_limit" gives turbo:jpg
+against cores x the per-core reduced decode, and against that all-cores figure, also timed between
+turbo's own passes (the median of paired ratios, so a machine that slows down mid-run does not count).
 """
 
 from __future__ import annotations
@@ -132,6 +134,49 @@ class PeakRSS:
         self.peak = max(self.peak, self._sample())
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sample_jpegs(data: Path | str, split: str, n: int) -> list[bytes]:
+    """The first n JPEGs of the split, read from the tars."""
+    from fastceleba.loaders import open_split
+    from fastceleba.loaders.split import TarMembers
+
+    tm = TarMembers(open_split(data, split), ["jpg"])
+    try:
+        return [tm.read(i, "jpg") for i in range(min(n, tm.sd.num_samples))]
+    finally:
+        tm.close()
+
+
+class AllCoresDecode:
+    """The reduced-scale decode turbo uses, of the same JPEGs, in one thread per core at once
+    (simplejpeg releases the GIL): what the cores together give right now. On a VM whose cores
+    share physical ones, or beside other load, that is less than cores x one core's rate."""
+
+    def __init__(self, blobs: list[bytes], cores: int, size: int = 64):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.chunks = [blobs[a:a + 64] for a in range(0, len(blobs), 64)]
+        self.n, self.size = len(blobs), size
+        self.pool = ThreadPoolExecutor(cores)
+
+    def _decode(self, chunk: list[bytes]) -> None:
+        from fastceleba.loaders.turbo import decode_scaled
+
+        for b in chunk:
+            decode_scaled(b, self.size, None)
+
+    def rate(self) -> float:
+        t0 = time.perf_counter()
+        list(self.pool.map(self._decode, self.chunks))
+        return self.n / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
 def run_one(spec: dict) -> dict:
     import torch
 
@@ -158,15 +203,28 @@ def run_one(spec: dict) -> dict:
                 torch.cuda.synchronize()
             return seen / (time.perf_counter() - start)
 
+        # turbo:jpg times its limit between its own passes (same JPEGs, same moments of the machine's
+        # load): its share of the limit is then the median of paired ratios, not two runs minutes apart
+        limit = (AllCoresDecode(sample_jpegs(spec["data"], spec["split"], 2000), usable_cores())
+                 if kind == "turbo" and loader.member == "jpg" else None)
         for _ in range(spec["warmup"]):
             one_pass()
-        rates = [one_pass() for _ in range(spec["repeats"])]
+        rates, limit_rates = [], []
+        for _ in range(spec["repeats"]):
+            rates.append(one_pass())
+            if limit is not None:
+                limit_rates.append(limit.rate())
+        if limit is not None:
+            limit.close()
     return {"loader": spec["name"], "kind": kind, "data": loader.member if kind != "pil" else "jpg-folder",
             "device": str(device), "images": target, "setup_s": setup_s,
             # what the loader really runs (DALI on a GPU used to take every core whatever --workers said)
             "workers": loader.workers, "workers_are": loader.workers_are, "workers_asked": spec["workers"],
             "rates": rates, "median": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "peak_rss_mb": mem.peak / 2**20}
+            "peak_rss_mb": mem.peak / 2**20,
+            **({"all_cores_decode_rates": limit_rates,
+                "share_of_all_cores_decode": statistics.median(r / x for r, x in zip(rates, limit_rates))}
+               if limit_rates else {})}
 
 
 def busy_seconds() -> float:
@@ -221,16 +279,12 @@ def limits(data: Path, split: str, images: int, size: int = 64) -> dict:
     from PIL import Image
 
     from fastceleba.loaders import open_split
-    from fastceleba.loaders.split import TarMembers
     from fastceleba.loaders.turbo import decode_scaled
     from fastceleba.transforms import resize_crop
 
-    sd = open_split(data, split)
-    if "jpg" not in sd.members:
+    if "jpg" not in open_split(data, split).members:
         return {}
-    tm = TarMembers(sd, ["jpg"])
-    blobs = [tm.read(i, "jpg") for i in range(min(images, sd.num_samples, 2000))]
-    tm.close()
+    blobs = sample_jpegs(data, split, min(images, 2000))
 
     def rate(fn) -> float:
         best = 0.0
@@ -245,12 +299,27 @@ def limits(data: Path, split: str, images: int, size: int = 64) -> dict:
         with Image.open(io.BytesIO(b)) as im:
             return resize_crop(im.convert("RGB"), size)
 
+    cores = usable_cores()
     return {
         "simplejpeg_full_per_core": rate(lambda b: simplejpeg.decode_jpeg(b)),
         "simplejpeg_reduced_per_core": rate(lambda b: decode_scaled(b, size, None)),
+        "simplejpeg_reduced_all_cores": max(AllCoresDecode(blobs, cores, size).rate() for _ in range(3)),
+        "cores": cores,
         "pil_decode_resize_per_core": rate(pil),
         "reduced_scale": "x".join(map(str, decode_scaled(blobs[0], size, None)[0].shape[1::-1])),
     }
+
+
+def share_of_limit(results: list[dict], lim: dict) -> dict:
+    """turbo:jpg's median as a share of the JPEG limit: cores x one core's reduced-scale decode,
+    and the reduced-scale decode measured on all cores at once. The rest of its time goes to
+    reading, the resize and the float conversion (docs/benchmarks.md)."""
+    turbo = next((r for r in results if r.get("loader") == "turbo:jpg" and "median" in r), None)
+    if turbo is None or not lim:
+        return {}
+    return {"turbo_of_cores_x_per_core": turbo["median"] / (lim["cores"] * lim["simplejpeg_reduced_per_core"]),
+            "turbo_of_all_cores": turbo["median"] / lim["simplejpeg_reduced_all_cores"],
+            "turbo_of_all_cores_interleaved": turbo.get("share_of_all_cores_decode")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +351,14 @@ def table(results: list[dict], info: dict, lim: dict) -> str:
         lines += ["", f"limits per core (same JPEGs, one thread): simplejpeg full decode "
                       f"{lim['simplejpeg_full_per_core']:.0f} img/s, reduced-scale decode ({lim['reduced_scale']}) "
                       f"{lim['simplejpeg_reduced_per_core']:.0f} img/s, PIL decode+resize "
-                      f"{lim['pil_decode_resize_per_core']:.0f} img/s"]
+                      f"{lim['pil_decode_resize_per_core']:.0f} img/s; reduced-scale decode on all "
+                      f"{lim['cores']} cores at once {lim['simplejpeg_reduced_all_cores']:.0f} img/s"]
+        share = share_of_limit(results, lim)
+        if share:
+            inter = share["turbo_of_all_cores_interleaved"]
+            lines.append(f"turbo:jpg = {100 * share['turbo_of_cores_x_per_core']:.0f} % of cores x per-core "
+                         f"reduced decode, {100 * share['turbo_of_all_cores']:.0f} % of the all-cores decode"
+                         + (f" ({100 * inter:.0f} % of it timed between turbo's own passes)" if inter else ""))
     return "\n".join(lines)
 
 
@@ -387,7 +463,7 @@ def main(argv=None) -> int:
     info["images"] = next((r["images"] for r in results if "images" in r), args.images)
     text = table(results, info, lim)
     print(text)
-    report = {**info, "results": results, "limits": lim,
+    report = {**info, "results": results, "limits": lim, "share_of_limit": share_of_limit(results, lim),
               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     atomic_write(args.json, json.dumps(report, indent=1) + "\n")
     keys = ["loader", "data", "device", "workers", "workers_are", "median", "min", "max", "peak_rss_mb", "setup_s",
