@@ -13,7 +13,9 @@ the cache loader, batch 128, no flips, on one process. With no --data it makes a
 images once under --cache-dir (tools/make_synthetic.py, then tools/shard.py --size 64).
 
 For every run it reads summary.json: test PSNR and the mean-image PSNR, the VAE's KL per image and active
-latents, FID/KID of prior samples and reconstructions (fastceleba/fid.py; "–" where not computed), the dead-unit fraction of every ReLU layer, the health verdict, and the wall time of the process.
+latents, FID/KID of prior samples and reconstructions (fastceleba/fid.py; "–" where not computed), their
+near-Nyquist energy against the test images' (HF ratio: 1 is as real faces, more is checkerboard or noise),
+the dead-unit fraction of every ReLU layer, the health verdict, and the wall time of the process.
 Writes OUT/quality.json (every run, and per model x recipe the mean, min, max and spread of each number)
 and OUT/quality.md (the same as Markdown tables), and prints the tables.
 Exit status: 0 done; 2 bad input or a run that failed; a run that diverged (train.py exit 3) is listed.
@@ -46,10 +48,12 @@ SECONDS = "bench_seconds.txt"  # a finished run's wall time, beside its summary.
 COMMAND = "bench_command.json"  # and the train.py arguments that made it
 EXIT_DIVERGED = 3
 NUMBERS = ("psnr", "baseline_psnr", "psnr_gain", "kld", "active_units", "seconds", "fid", "fid_recon", "kid",
-           "rfd", "rfd_recon", "rkid")
+           "rfd", "rfd_recon", "rkid", "hf_ratio", "hf_ratio_recon")
 # summary.json's sample_quality (fastceleba/fid.py): FID/KID with the Inception weights, rfd/rkid with
 # `-- --sample-features random-conv` (a random conv net: NOT FID); null where not computed
-QUALITY = ("fid", "fid_recon", "kid", "rfd", "rfd_recon", "rkid")
+# hf_ratio: the samples' spectral energy share near Nyquist over the test images' (1: as real faces; a
+# checkerboard or pixel noise raises it, blur lowers it), with any of the features above
+QUALITY = ("fid", "fid_recon", "kid", "rfd", "rfd_recon", "rkid", "hf_ratio", "hf_ratio_recon")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -223,23 +227,25 @@ def markdown(rows: list[dict], summary: list[dict], info: dict) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
              f"{info['epochs']} epochs, batch {info['batch_size']}, loader {info['loader']}", "",
              "| model | recipe | seed | test PSNR | mean-image PSNR | KL/image | active latents "
-             f"| {FD} samples / recon | {KD} x1000 samples | dead % per ReLU layer | collapsed | wall s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+             f"| {FD} samples / recon | {KD} x1000 samples | HF ratio samples / recon | dead % per ReLU layer "
+             "| collapsed | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         if r["status"] == "not run":
             continue
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['status']} | | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['status']} | | | | | | | | | |")
             continue
         dead = " ".join(f"{n} {100 * f:.0f}" for n, f in r["dead_fraction"].items())
         active = f"{r['active_units']}/{r['latent_dim']}" if r.get("active_units") is not None else "–"
         lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['psnr']:.2f} | {r['baseline_psnr']:.2f} | "
                      f"{num(r.get('kld'), '.1f')} | {active} | {pair(r, fd, fd + '_recon')} | "
-                     f"{num(r.get(kd) and 1000 * r[kd], '.2f')} | {dead} | {'yes' if r['collapsed'] else 'no'} | "
+                     f"{num(r.get(kd) and 1000 * r[kd], '.2f')} | {pair(r, 'hf_ratio', 'hf_ratio_recon')} | {dead} | {'yes' if r['collapsed'] else 'no'} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", "| model | recipe | runs | test PSNR mean (min – max) | spread | KL/image mean "
-              f"| active latents min | {FD} samples mean | worst dead % (layer) | collapsed runs |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+              f"| active latents min | {FD} samples mean | HF ratio samples mean (max) | worst dead % (layer) "
+              "| collapsed runs |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for s in summary:
         p = s.get("psnr")
         worst = max(s["dead_fraction_max"].items(), key=lambda kv: kv[1], default=None)
@@ -248,6 +254,7 @@ def markdown(rows: list[dict], summary: list[dict], info: dict) -> str:
             + (f"{p['mean']:.2f} ({p['min']:.2f} – {p['max']:.2f}) | {p['spread']:.2f}" if p else "– | –")
             + f" | {num(s.get('kld', {}).get('mean'), '.1f')} | {num(s.get('active_units', {}).get('min'), '.0f')} | "
             + f"{num(s.get(fd, {}).get('mean'), '.2f')} | "
+            + (f"{s['hf_ratio']['mean']:.2f} ({s['hf_ratio']['max']:.2f}) | " if s.get("hf_ratio") else "– | ")
             + (f"{100 * worst[1]:.0f} ({worst[0]})" if worst else "–") + f" | {s['collapsed']} |")
     return "\n".join(lines) + "\n"
 

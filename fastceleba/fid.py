@@ -23,6 +23,10 @@ downloadable (``FASTCELEBA_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` forbid the downlo
 ``note:`` line and records ``"fid": null`` etc. with the reason: never a number from other weights.
 Weights load with ``torch.load(weights_only=True)`` or safetensors; a ``.pth`` must have the standard hash.
 
+Beside the distances, ``hf_share`` / ``hf_ratio`` (``high_frequency_energy``): the share of spectral energy near
+Nyquist in samples and reconstructions against the test images', a feature-free check for the checkerboard
+a stride-2 upsampling layer prints.
+
 ``RandomConvFeatures`` is a stand-in that is *not* Inception: a fixed random conv net whose distances are
 named ``rfd`` and ``rkid`` (random-feature Fréchet/kernel distance). They compare runs of this toolkit
 with one another without any download, and exercise every step but the weights; they are not FIDs.
@@ -246,6 +250,7 @@ def sample_quality(model: nn.Module, loader: Iterable[dict], accelerator: Any, f
     gen = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
     fakes: dict[str, list[torch.Tensor]] = {"samples": [], "recon": []} if is_vae else {"recon": []}
     n = torch.zeros((), dtype=torch.int64, device=device)
+    spectra = torch.zeros(len(fakes) + 1, 2, dtype=torch.float64, device=device)  # (high band, all) energy
     for batch in loader:
         x = batch["image"][batch["valid"]]
         if x.shape[0] == 0:
@@ -263,6 +268,8 @@ def sample_quality(model: nn.Module, loader: Iterable[dict], accelerator: Any, f
             for key in fakes:
                 fd[key].update(real, real=True)
             kd.update(real, real=True)
+            for row, value in enumerate([x] + [images[key] for key in fakes]):
+                spectra[row] += high_frequency_energy(value.float())
         n += x.shape[0]
     model.train(was_training)
     total = int(accelerator.reduce(n.clone(), reduction="sum")) if accelerator.num_processes > 1 else int(n)
@@ -283,8 +290,39 @@ def sample_quality(model: nn.Module, loader: Iterable[dict], accelerator: Any, f
         out[features.kd_name + names[key]], out[features.kd_name + names[key] + "_std"] = float(mean), float(std)
     if is_vae:
         out["prior_hole"] = out[features.fd_name] - out[features.fd_name + "_recon"]
+    if accelerator.num_processes > 1:
+        spectra = accelerator.reduce(spectra, reduction="sum")
+    share = (spectra[:, 0] / spectra[:, 1]).tolist()
+    out["hf_share_test"] = share[0]
+    for key, value in zip(fakes, share[1:]):
+        out["hf_share" + names[key]] = value
+        out["hf_ratio" + names[key]] = value / share[0]
     out[features.kd_name + "_subsets"], out[features.kd_name + "_subset_size"] = kid_subsets, kd.subset_size
     return out
+
+
+HF_BAND = 3 / 8  # cycles per pixel; the checkerboard of a stride-2 layer sits at 1/2 (Nyquist)
+
+
+def high_frequency_energy(images: torch.Tensor) -> torch.Tensor:
+    """(energy at >= HF_BAND cycles/pixel on either axis, all energy) of the images' luminance with each
+    image's mean removed, summed over the batch: the spectral share near Nyquist. Feature-free and
+    cheap, so it runs beside every FID pass; a stride-2 upsampling checkerboard and per-pixel noise
+    raise it, blur lowers it (summary.json: hf_share for samples, reconstructions and test images, and
+    hf_ratio = samples' share / the test images')."""
+    gray = images.mean(dim=1).double()
+    gray = gray - gray.mean(dim=(1, 2), keepdim=True)
+    power = torch.fft.rfft2(gray).abs().square()
+    fy = torch.fft.fftfreq(gray.shape[1], device=gray.device).abs().view(-1, 1)
+    fx = torch.fft.rfftfreq(gray.shape[2], device=gray.device).view(1, -1)
+    # rfft2 keeps half the x axis: every column but x = 0 and Nyquist stands for two conjugate ones
+    weight = torch.full_like(fx, 2.0)
+    weight[:, 0] = 1.0
+    if gray.shape[2] % 2 == 0:
+        weight[:, -1] = 1.0
+    power = power * weight
+    high = (fy >= HF_BAND) | (fx >= HF_BAND)
+    return torch.stack([power[:, high].sum(), power.sum()])
 
 
 def format_quality(q: dict) -> str:

@@ -118,7 +118,23 @@ def test_sample_quality_end_to_end_with_a_stand_in_that_is_not_inception():
     assert cold["rfd"] != q["rfd"] and cold["rfd_recon"] == q["rfd_recon"]
     perfect = fid.sample_quality(Identity(), batches(30), OneProcess(), features)
     assert "rfd" not in perfect and perfect["rfd_recon"] == pytest.approx(0.0, abs=1e-6)
+    assert perfect["hf_ratio_recon"] == pytest.approx(1.0) and "hf_ratio" not in perfect  # the AE-like path
+    assert q["hf_share_test"] == pytest.approx(perfect["hf_share_test"]) and q["hf_ratio"] > 0
     assert "random-feature FD (not FID)" in fid.format_quality(q)
+
+
+def test_high_frequency_share_sees_a_checkerboard_and_not_a_smooth_image():
+    noise = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    high, total = fid.high_frequency_energy(noise)
+    band = 17 / 64  # frequencies k/64 with |k| >= 24 of -32..31, on each axis
+    assert (high / total).item() == pytest.approx(1 - (1 - band) ** 2, abs=0.02)  # white noise: the band's area
+    checker = torch.zeros(2, 3, 64, 64)
+    checker[..., ::2, ::2] = 1.0  # a stride-2 layer's artefact: all of it at Nyquist
+    high, total = fid.high_frequency_energy(checker)
+    assert (high / total).item() == pytest.approx(1.0)
+    ramp = torch.linspace(0, 1, 64).expand(2, 3, 64, 64)
+    high, total = fid.high_frequency_energy(ramp)
+    assert (high / total).item() < 0.02
 
 
 def test_inception_weights_are_checked_and_loaded_without_pickles(tmp_path, monkeypatch):
