@@ -89,7 +89,7 @@ def set_up(args: argparse.Namespace) -> Run:
 
     recipe = recipe_from_args(args)
     set_seed(args.seed)  # the same initial weights on every rank
-    model = initialize(build_model(args.model, args.latent_dim), recipe.init, recipe.logvar_bias)
+    model = initialize(build_model(args.model, args.latent_dim), recipe.init, recipe.logvar_bias, recipe.icnr)
 
     def loader(split: str, **kw: Any) -> Any:
         kw.setdefault("batch_size", args.batch_size)

@@ -214,6 +214,30 @@ def test_logvar_bias_sets_the_posteriors_initial_variance():
 
 
 @pytest.mark.parametrize("name", ["vae", "ae"])
+def test_icnr_starts_the_upsampling_layers_without_a_checkerboard(name):
+    from fastceleba.models import build_model
+    from fastceleba.recipe import initialize
+    flat = torch.rand(1, 16, 1, 1).expand(1, 16, 32, 32)  # a smooth (constant) input to the 3x3 stride-2 layers
+    for icnr in (False, True):
+        torch.manual_seed(0)
+        model = initialize(build_model(name, 8), "centred", logvar_bias=-6.0 if name == "vae" else None, icnr=icnr)
+        up = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d) and m.stride == (2, 2)]
+        assert len(up) == 2
+        with torch.no_grad():
+            y = up[-1](flat)[0, :, 2:-2, 2:-2]  # the last layer: 16 -> 3 channels, 64 x 64
+            spread = (y.amax((1, 2)) - y.amin((1, 2))).max().item()
+        if not icnr:
+            assert spread > 0.1  # the period-2 pattern this init removes
+            reference = [m.weight.std().item() for m in up]
+        else:
+            assert spread < 1e-5  # constant in, constant out: nearest-neighbour upsampling
+            for m, std in zip(up, reference):  # the output scale of the init it replaces
+                assert m.weight.std().item() == pytest.approx(std, rel=0.25)
+            first = up[0].weight.transpose(0, 1).flatten(1).sum(1)  # feeds a ReLU: still zero-sum
+            assert first.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["vae", "ae"])
 def test_output_bias_starts_reconstructions_at_the_mean_colour(name):
     from fastceleba.models import build_model
     from fastceleba.recipe import initialize, set_output_bias
