@@ -18,7 +18,8 @@ For each model and seed:
 Reported per run: process wall time (start-up, data, compilation, training, test evaluation) and the
 training loop's own seconds (metrics.jsonl); the speed-up is the seed pipeline's time over fastceleba's
 first run to reach the target, per seed and as the median over seeds. Both sides evaluate valid only
-after their last epoch and write no pictures. Runs go into
+after their last epoch, write no pictures and skip the sample-quality pass (--sample-features none: the
+race is to a PSNR, and looking for Inception weights costs seconds where they cannot be downloaded). Runs go into
 OUT/<model>-seed<S>/{seed,fast-<eager|compile>-<fp32|bf16>-e<E>}; a finished run is not trained again
 (one finished with other flags or an older recipe stops the benchmark: delete OUT to measure afresh).
 Writes OUT/time_to_quality.{json,md} (with --fast-precision bf16: time_to_quality_bf16.*) with the
@@ -90,7 +91,7 @@ def train(run: Path, data: Path, model: str, seed: int, epochs: int, batch: int,
           precision: str = "no") -> dict:
     """One fastceleba/train.py process (or its finished result): test PSNR, wall and loop seconds."""
     train_args = ["--model", model, "--seed", str(seed), "--data", str(data), "--epochs", str(epochs), "--batch-size",
-                  str(batch), "--eval-every", "0", "--no-pictures", *flags]
+                  str(batch), "--eval-every", "0", "--no-pictures", "--sample-features", "none", *flags]
     env = {**os.environ, "ACCELERATE_MIXED_PRECISION": precision}
     seconds = finished_seconds(run, train_args, env)
     if seconds is None:
