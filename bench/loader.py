@@ -356,8 +356,8 @@ def table(results: list[dict], info: dict, lim: dict) -> str:
         share = share_of_limit(results, lim)
         if share:
             inter = share["turbo_of_all_cores_interleaved"]
-            lines.append(f"turbo:jpg = {100 * share['turbo_of_cores_x_per_core']:.0f} % of cores x per-core "
-                         f"reduced decode, {100 * share['turbo_of_all_cores']:.0f} % of the all-cores decode"
+            lines.append(f"JPEG limit share: turbo:jpg {100 * share['turbo_of_cores_x_per_core']:.0f} % of cores x "
+                         f"per-core reduced decode, {100 * share['turbo_of_all_cores']:.0f} % of the all-cores decode"
                          + (f" ({100 * inter:.0f} % of it timed between turbo's own passes)" if inter else ""))
     return "\n".join(lines)
 
