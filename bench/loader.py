@@ -134,10 +134,6 @@ class PeakRSS:
         self.peak = max(self.peak, self._sample())
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def sample_jpegs(data: Path | str, split: str, n: int) -> list[bytes]:
     """The first n JPEGs of the split, read from the tars."""
     from fastceleba.loaders import open_split
@@ -181,6 +177,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from fastceleba.loaders import make_loader
+    from fastceleba.loaders.base import cores_per_local_rank
 
     kind, member = spec["kind"], spec["member"]
     device = torch.device(spec["device"])
@@ -205,7 +202,7 @@ def run_one(spec: dict) -> dict:
 
         # turbo:jpg times its limit between its own passes (same JPEGs, same moments of the machine's
         # load): its share of the limit is then the median of paired ratios, not two runs minutes apart
-        limit = (AllCoresDecode(sample_jpegs(spec["data"], spec["split"], 2000), usable_cores())
+        limit = (AllCoresDecode(sample_jpegs(spec["data"], spec["split"], 2000), cores_per_local_rank())
                  if kind == "turbo" and loader.member == "jpg" else None)
         for _ in range(spec["warmup"]):
             one_pass()
@@ -279,6 +276,7 @@ def limits(data: Path, split: str, images: int, size: int = 64) -> dict:
     from PIL import Image
 
     from fastceleba.loaders import open_split
+    from fastceleba.loaders.base import cores_per_local_rank
     from fastceleba.loaders.turbo import decode_scaled
     from fastceleba.transforms import resize_crop
 
@@ -299,11 +297,14 @@ def limits(data: Path, split: str, images: int, size: int = 64) -> dict:
         with Image.open(io.BytesIO(b)) as im:
             return resize_crop(im.convert("RGB"), size)
 
-    cores = usable_cores()
+    cores = cores_per_local_rank()
+    all_cores = AllCoresDecode(blobs, cores, size)
+    best_all_cores = max(all_cores.rate() for _ in range(3))
+    all_cores.close()
     return {
         "simplejpeg_full_per_core": rate(lambda b: simplejpeg.decode_jpeg(b)),
         "simplejpeg_reduced_per_core": rate(lambda b: decode_scaled(b, size, None)),
-        "simplejpeg_reduced_all_cores": max(AllCoresDecode(blobs, cores, size).rate() for _ in range(3)),
+        "simplejpeg_reduced_all_cores": best_all_cores,
         "cores": cores,
         "pil_decode_resize_per_core": rate(pil),
         "reduced_scale": "x".join(map(str, decode_scaled(blobs[0], size, None)[0].shape[1::-1])),

@@ -240,7 +240,8 @@ def markdown(rows: list[dict], summary: list[dict], info: dict) -> str:
         active = f"{r['active_units']}/{r['latent_dim']}" if r.get("active_units") is not None else "–"
         lines.append(f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['psnr']:.2f} | {r['baseline_psnr']:.2f} | "
                      f"{num(r.get('kld'), '.1f')} | {active} | {pair(r, fd, fd + '_recon')} | "
-                     f"{num(r.get(kd) and 1000 * r[kd], '.2f')} | {pair(r, 'hf_ratio', 'hf_ratio_recon')} | {dead} | {'yes' if r['collapsed'] else 'no'} | "
+                     f"{num(r.get(kd) and 1000 * r[kd], '.2f')} | {pair(r, 'hf_ratio', 'hf_ratio_recon')} | "
+                     f"{dead} | {'yes' if r['collapsed'] else 'no'} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", "| model | recipe | runs | test PSNR mean (min – max) | spread | KL/image mean "
               f"| active latents min | {FD} samples mean | HF ratio samples mean (max) | worst dead % (layer) "

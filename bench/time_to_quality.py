@@ -19,8 +19,8 @@ Reported per run: process wall time (start-up, data, compilation, training, test
 training loop's own seconds (metrics.jsonl); the speed-up is the seed pipeline's time over fastceleba's
 first run to reach the target, per seed and as the median over seeds. Both sides evaluate valid only
 after their last epoch, write no pictures and skip the sample-quality pass (--sample-features none: the
-race is to a PSNR, and looking for Inception weights costs seconds where they cannot be downloaded). Runs go into
-OUT/<model>-seed<S>/{seed,fast-<eager|compile>-<fp32|bf16>-e<E>}; a finished run is not trained again
+race is to a PSNR, and looking for Inception weights costs seconds where they cannot be downloaded).
+Runs go into OUT/<model>-seed<S>/{seed,fast-<eager|compile>-<fp32|bf16>-e<E>}; a finished run is not trained again
 (one finished with other flags or an older recipe stops the benchmark: delete OUT to measure afresh).
 Writes OUT/time_to_quality.{json,md} (with --fast-precision bf16: time_to_quality_bf16.*) with the
 machine beside the figures.

@@ -186,9 +186,9 @@ class TurboLoader(Loader):
         """Thread part: decode samples idx into out: k x size x size x 3 uint8 for a GPU, else
         k x 3 x size x size float32 in [0, 1]."""
         images = self.reader.images(idx)
-        flipped = torch.from_numpy(images)
+        view = torch.from_numpy(images)
         for j in np.flatnonzero(flips).tolist():  # one image at a time: 3x faster than numpy's fancy ::-1
-            flipped[j] = flipped[j].flip(1)
+            view[j] = view[j].flip(1)
         if self.u8_transfer:
             out[...] = images
         else:
