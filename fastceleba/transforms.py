@@ -24,8 +24,20 @@ def resize_crop(img: Image.Image, size: int = 64, crop: int | None = None) -> Im
 
 
 def resize_crop_array(img: Image.Image, size: int = 64, crop: int | None = None) -> np.ndarray:
-    """``resize_crop`` as a ``size x size x 3`` uint8 array (HWC, RGB)."""
-    return np.asarray(resize_crop(img.convert("RGB"), size, crop), dtype=np.uint8)
+    """``resize_crop`` as a ``size x size x 3`` uint8 array (HWC, RGB): the very pixels, by the same
+    PIL calls torchvision makes (tests/test_loaders.py checks every geometry), without importing
+    torchvision (~1-3 s in each shard-writer process) or its overhead per call (~100 us an image)."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = img.size
+    if crop is not None:
+        if crop > min(w, h):  # torchvision pads: leave that to it
+            return np.asarray(resize_crop(img, size, crop), dtype=np.uint8)
+        top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+        img, w, h = img.crop((left, top, left + crop, top + crop)), crop, crop
+    rh, rw = resized_shape(h, w, size)
+    img = img.resize((rw, rh), Image.BILINEAR)
+    top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def resized_shape(height: int, width: int, size: int = 64) -> tuple[int, int]:

@@ -163,6 +163,24 @@ def odd_shards(tmp_path_factory):
     return root / "shards"
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_the_array_transform_is_torchvisions_pixel_for_pixel(mode):
+    """resize_crop_array (shard writer, wds) makes torchvision's PIL calls itself: the same pixels as
+    resize_crop (the notebook's torchvision transforms, the pil baseline) at every geometry."""
+    import numpy as np
+    from PIL import Image
+
+    from fastceleba.transforms import resize_crop, resize_crop_array
+
+    rng = np.random.default_rng(0)
+    for w, h in SHAPES + [(64, 64), (65, 300)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        for size in (32, 48, 64, 128):
+            for crop in (None, 60, 90, min(w, h), min(w, h) + 3):
+                expected = np.asarray(resize_crop(img.convert("RGB"), size, crop))
+                assert np.array_equal(resize_crop_array(img, size, crop), expected), (w, h, size, crop)
+
+
 @pytest.mark.parametrize("size", [32, 48, 64, 128])
 @pytest.mark.parametrize("crop", [None, 90])
 def test_every_geometry_agrees_with_pil(odd_shards, size, crop):
@@ -569,8 +587,9 @@ def test_batches_arrive_on_the_gpu(shards, reference, kind, member):
 
 def test_heavy_imports_wait_for_the_loaders_that_need_them():
     """train.py with the cache loader never imports torchvision, DALI or webdataset (~1.5 s of start-up
-    each run); the pil and wds loaders import torchvision in the parent process, so the DataLoader
-    workers forked every epoch inherit it instead of each importing it again (that halved pil's images/s)."""
+    each run); the pil loader imports torchvision in the parent process, so the DataLoader workers
+    forked every epoch inherit it instead of each importing it again (that halved pil's images/s); the
+    wds loader and the shard writer resize without it (transforms.resize_crop_array)."""
     def run(code: str) -> None:
         proc = subprocess.run([sys.executable, "-c", "import sys\n" + code], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
@@ -579,5 +598,5 @@ def test_heavy_imports_wait_for_the_loaders_that_need_them():
     run("import fastceleba.train\n"
         "heavy = [m for m in ('torchvision', 'nvidia.dali', 'webdataset') if m in sys.modules]\n"
         "assert not heavy, heavy")
-    for kind in ("pil", "wds"):
-        run(f"import fastceleba.loaders.{kind}\nassert 'torchvision.transforms.functional' in sys.modules")
+    run("import fastceleba.loaders.pil\nassert 'torchvision.transforms.functional' in sys.modules")
+    run("import fastceleba.loaders.wds, fastceleba.shardwriter\nassert 'torchvision' not in sys.modules")

@@ -99,6 +99,24 @@ def test_index_matches_dalis_own_tool(shards, tmp_path):
     assert (tmp_path / "ref.idx").read_text() == idx.read_text()
 
 
+@pytest.mark.parametrize("name", ["000001.jpg", "000001.rgb8", "x" * 100, "x" * 101, "é.json"])
+@pytest.mark.parametrize("size", [0, 1, 512, 12345, 8 ** 11 - 1, 8 ** 11])
+def test_tar_headers_are_tarfiles_own(name, size):
+    import tarfile
+
+    from fastceleba.shardwriter import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    try:
+        expected = info.tobuf(tarfile.USTAR_FORMAT)
+    except ValueError:  # too long a name or too large a file for USTAR: the same error
+        with pytest.raises(ValueError):
+            ustar_header(name, size)
+        return
+    assert ustar_header(name, size) == expected
+
+
 def test_random_split_without_partition_file(celeba_copy, tmp_path):
     (celeba_copy / PARTITION_FILE).unlink()
     opts = ShardOptions(split=(0.5, 0.25, 0.25), seed=3)

@@ -17,9 +17,6 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
-# Imported here for resize_crop_array, so the DataLoader workers forked every epoch inherit it instead of
-# each importing torchvision (~1 s) again.
-import torchvision.transforms.functional  # noqa: F401
 
 from ..errors import DataError
 from ..remote import RemoteDir
