@@ -118,11 +118,11 @@ _HEADER_SUM = sum(_HEADER[1:124]) + sum(_HEADER[136:148]) + 8 * ord(" ") + sum(_
 
 def ustar_header(name: str, size: int) -> bytes:
     """tarfile's USTAR header of a regular file of mode 0444, mtime, uid and gid 0, byte for byte,
-    in ~2 us instead of tarfile's ~40 (7 members an image: a tenth of a full-size run's time).
-    Between members only the name, the size and the checksum change."""
-    raw = name.encode("ascii", "replace")
-    if len(raw) > 100 or size >= 8 ** 11 or not name.isascii():
-        return _tarfile_header(name, size)  # the prefix field, tarfile's error, its encoding
+    in 1.6 us instead of tarfile's 25 (7 members an image). Between members only the name, the
+    size and the checksum change."""
+    if not name.isascii() or len(name) > 100 or size >= 8 ** 11:
+        return _tarfile_header(name, size)  # its encoding, the prefix field, its error
+    raw = name.encode("ascii")
     size_field = b"%011o\0" % size
     checksum = _HEADER_SUM + sum(raw) + sum(size_field)
     return b"".join((raw.ljust(100, b"\0"), _HEADER[100:124], size_field, _HEADER[136:148],
