@@ -8,11 +8,12 @@
 Two sections, both with the training step of fastceleba/train.py (forward, the notebook's loss, backward,
 Adam) at --batch-size (default 128, the notebook's):
 
-1. compute: batches already in memory on the device, for each model x {eager, torch.compile} x {fp32,
-   bf16 autocast (what `accelerate launch --mixed_precision bf16` does)}. After --warmup steps (which
-   include compilation), --repeats timed runs of --steps steps; the runs of all configurations are
+1. compute: batches already in memory on the device, for each model x {channels-last weights and batches
+   (train.py's default), PyTorch's default contiguous layout (--no-channels-last)} x {eager, torch.compile}
+   x {fp32, bf16 autocast (what `accelerate launch --mixed_precision bf16` does)}. After --warmup steps
+   (which include compilation), --repeats timed runs of --steps steps; the runs of all configurations are
    interleaved round-robin so that load from other processes hits them alike. Reported: median images/s
-   (min..max) and the compiled/eager ratio.
+   (min..max), the compiled/eager ratio and the channels-last/contiguous ratio.
 2. fed: the same step fed by each loader (fastceleba.loaders, shuffled, drop_last, as in training), each
    in a fresh process, against a "memory" feed measured the same way. Per step, the time blocked in
    next(loader) is data wait; reported: images/s and data wait as a fraction of step time (medians).
@@ -51,15 +52,19 @@ import loader as loader_bench  # noqa: E402
 
 FEEDS = ["memory", "cache:rgb", "cache:jpg", "dali:rgb", "dali:jpg", "turbo:jpg", "wds:jpg", "pil"]
 QUICK_FEEDS = ["memory", "cache:rgb", "dali:jpg", "turbo:jpg"]
+LAYOUTS = ("channels_last", "contiguous")
 
 
 class Step:
     """One configuration's model, optimizer and training step, built as fastceleba/train.py builds them."""
 
-    def __init__(self, model: str, compiled: bool, bf16: bool, device: torch.device, seed: int = 0):
+    def __init__(self, model: str, compiled: bool, bf16: bool, device: torch.device, seed: int = 0,
+                 channels_last: bool = True):
         torch.manual_seed(seed)
-        self.device = device
+        self.device, self.channels_last = device, channels_last
         self.model = build_model(model).to(device)
+        if channels_last:  # as train_setup.py: the weights, then each batch in train_one_epoch
+            self.model = self.model.to(memory_format=torch.channels_last)
         if bf16:  # what Accelerator.prepare does for mixed_precision="bf16": autocast forward, fp32 outputs
             autocast = torch.autocast(device.type, dtype=torch.bfloat16)
             self.model.forward = convert_outputs_to_fp32(autocast(self.model.forward))
@@ -68,6 +73,8 @@ class Step:
         self.beta = torch.tensor(1.0, device=device)
 
     def __call__(self, x: torch.Tensor) -> None:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         loss, _ = self.loss_fn(x, self.beta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -92,17 +99,18 @@ def summarize(rates: list[float]) -> dict:
 
 
 def compute_section(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    configs = [(m, c, b) for m in args.models for c in args.modes for b in args.precisions]
+    configs = [(m, lay, c, b) for m in args.models for lay in args.layouts for c in args.modes
+               for b in args.precisions]
     batches = memory_batches(device, args.batch_size)
     steps = {}
-    for model, mode, prec in configs:
-        print(f"warming up {model} {mode} {prec} ...", file=sys.stderr, flush=True)
-        step = Step(model, mode == "compiled", prec == "bf16", device)
+    for model, layout, mode, prec in configs:
+        print(f"warming up {model} {layout} {mode} {prec} ...", file=sys.stderr, flush=True)
+        step = Step(model, mode == "compiled", prec == "bf16", device, channels_last=layout == "channels_last")
         start = time.perf_counter()
         for i in range(args.warmup):
             step(batches[i % len(batches)])
         sync(device)
-        steps[(model, mode, prec)] = (step, time.perf_counter() - start)
+        steps[(model, layout, mode, prec)] = (step, time.perf_counter() - start)
     rates: dict = {key: [] for key in steps}
     for r in range(args.repeats):  # round-robin: a burst of outside load hits every configuration
         for key, (step, _) in steps.items():
@@ -112,8 +120,8 @@ def compute_section(args: argparse.Namespace, device: torch.device) -> list[dict
                 step(batches[i % len(batches)])
             sync(device)
             rates[key].append(args.steps * args.batch_size / (time.perf_counter() - start))
-    return [{"model": m, "mode": c, "precision": p, "warmup_s": steps[(m, c, p)][1], **summarize(rates[(m, c, p)])}
-            for m, c, p in configs]
+    return [{"model": m, "layout": lay, "mode": c, "precision": p, "warmup_s": steps[(m, lay, c, p)][1],
+             **summarize(rates[(m, lay, c, p)])} for m, lay, c, p in configs]
 
 
 def run_fed(spec: dict) -> dict:
@@ -122,7 +130,8 @@ def run_fed(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     kernels = set_backends(deterministic=False, cuda=device.type == "cuda")  # a fresh process: set them again
-    step = Step(spec["model"], spec["mode"] == "compiled", spec["precision"] == "bf16", device)
+    step = Step(spec["model"], spec["mode"] == "compiled", spec["precision"] == "bf16", device,
+                channels_last=spec["layout"] == "channels_last")
     kind, _, member = spec["feed"].partition(":")
     setup = time.perf_counter()
     if kind == "memory":
@@ -180,18 +189,22 @@ def table(report: dict) -> str:
     comp = report["compute"]
     if comp:
         lines.append("compute (batches already in memory):")
-        lines.append(f"{'model':6} {'mode':9} {'precision':9} {'images/s':>26}  vs eager")
-        eager = {(r["model"], r["precision"]): r["median"] for r in comp if r["mode"] == "eager"}
+        lines.append(f"{'model':6} {'layout':13} {'mode':9} {'precision':9} {'images/s':>26}  vs eager  "
+                     "vs contiguous")
+        eager = {(r["model"], r["layout"], r["precision"]): r["median"] for r in comp if r["mode"] == "eager"}
+        plain = {(r["model"], r["mode"], r["precision"]): r["median"] for r in comp if r["layout"] == "contiguous"}
         for r in comp:
-            ref = eager.get((r["model"], r["precision"]))
+            ref = eager.get((r["model"], r["layout"], r["precision"]))
             ratio = f"x{r['median'] / ref:.2f}" if ref else ""
-            lines.append(f"{r['model']:6} {r['mode']:9} {r['precision']:9} "
-                         f"{r['median']:9.0f} ({r['min']:6.0f}..{r['max']:6.0f})  {ratio}")
+            ref = plain.get((r["model"], r["mode"], r["precision"]))
+            vs_plain = f"x{r['median'] / ref:.2f}" if ref else ""
+            lines.append(f"{r['model']:6} {r['layout']:13} {r['mode']:9} {r['precision']:9} "
+                         f"{r['median']:9.0f} ({r['min']:6.0f}..{r['max']:6.0f})  {ratio:8}  {vs_plain}")
         lines.append("")
     fed = report["fed"]
     if fed:
         cfg = report["fed_config"]
-        lines.append(f"fed by loaders ({cfg['model']}, {cfg['mode']}, {cfg['precision']}, "
+        lines.append(f"fed by loaders ({cfg['model']}, {cfg['layout']}, {cfg['mode']}, {cfg['precision']}, "
                      f"{report['workers']} workers):")
         lines.append(f"{'feed':10} {'images/s':>26} {'data wait':>10} {'vs memory':>10}")
         mem = next((r["median"] for r in fed if r.get("feed") == "memory" and "median" in r), None)
@@ -210,11 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="ae,vae", help="comma list of models (default ae,vae)")
     p.add_argument("--modes", default="eager,compiled", help="comma list: eager, compiled (default both)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list: fp32, bf16 (default both)")
+    p.add_argument("--layouts", default="channels_last,contiguous",
+                   help="comma list: channels_last (train.py's default), contiguous (--no-channels-last) "
+                        "(default both)")
     p.add_argument("--feeds", default=None, help=f"comma list of memory, KIND or KIND:MEMBER, or 'none' "
                    f"(default {','.join(FEEDS)})")
     p.add_argument("--fed-model", default="vae", help="model of the fed section (default vae)")
     p.add_argument("--fed-mode", default="eager", help="eager or compiled for the fed section (default eager)")
     p.add_argument("--fed-precision", default="fp32", help="fp32 or bf16 for the fed section (default fp32)")
+    p.add_argument("--fed-layout", default="channels_last", choices=LAYOUTS,
+                   help="memory layout of the fed section (default channels_last, train.py's)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default 128, the notebook's)")
     p.add_argument("--steps", type=int, default=8, help="steps per timed run (default 8)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (default 5)")
@@ -242,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.steps = min(args.repeats, 3), min(args.steps, 4)
         args.feeds = args.feeds or ",".join(QUICK_FEEDS)
     args.models, args.modes = args.models.split(","), args.modes.split(",")
-    args.precisions = args.precisions.split(",")
+    args.precisions, args.layouts = args.precisions.split(","), args.layouts.split(",")
+    if not set(args.layouts) <= set(LAYOUTS):
+        p.error(f"--layouts: each of {', '.join(LAYOUTS)}")
     feeds = [] if args.feeds == "none" else (args.feeds.split(",") if args.feeds else FEEDS)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kernels = set_backends(deterministic=False, cuda=device.type == "cuda")
@@ -267,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
               "torch_threads": torch.get_num_threads(), "kernels": kernels,
               "command": " ".join(["bench/train.py"] + sys.argv[1:] if argv is None else argv)}
     report["compute"] = compute_section(args, device) if args.modes and args.precisions else []
-    report["fed_config"] = {"model": args.fed_model, "mode": args.fed_mode, "precision": args.fed_precision}
+    report["fed_config"] = {"model": args.fed_model, "layout": args.fed_layout, "mode": args.fed_mode,
+                            "precision": args.fed_precision}
     report["fed"] = []
     for feed in feeds:
         print(f"feeding from {feed} ...", file=sys.stderr, flush=True)
         report["fed"].append(fed_in_subprocess({
             "feed": feed, "device": str(device), "model": args.fed_model, "mode": args.fed_mode,
-            "precision": args.fed_precision, "batch_size": args.batch_size, "steps": args.steps,
+            "precision": args.fed_precision, "layout": args.fed_layout, "batch_size": args.batch_size, "steps": args.steps,
             "repeats": args.repeats, "warmup": args.warmup, "workers": args.workers,
             "data": str(data), "data_rgb": str(raw)}))
     report["machine"]["load_avg_at_end"] = round(os.getloadavg()[0], 2)

@@ -174,7 +174,9 @@ def register_weight_hooks(accelerator: Accelerator) -> None:
     of processes and give a DataError, not a stack trace, for weights of another shape.
     """
     def on_save(models: list, weights: list, output_dir: str) -> None:
-        weights[:] = [accelerator.unwrap_model(m).state_dict() for m in models]
+        # contiguous: safetensors refuses the strides of channels-last weights
+        weights[:] = [{k: v.contiguous() for k, v in accelerator.unwrap_model(m).state_dict().items()}
+                      for m in models]
 
     def on_load(models: list, input_dir: str) -> None:
         path = Path(input_dir) / "model.safetensors"

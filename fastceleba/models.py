@@ -92,7 +92,7 @@ class VAE(nn.Module):
         x = F.relu(self.enc_conv1(x))
         x = F.relu(self.enc_conv2(x))
         x = F.relu(self.enc_conv3(x))
-        x = x.view(x.size(0), -1)
+        x = x.reshape(x.size(0), -1)
         mu = self.fc_mu(x)
         # The clamp (not in the notebook): a diverging encoder could otherwise emit a logvar whose
         # exp() is inf, turning the loss into inf/NaN. Inside the range it is a no-op.

@@ -121,6 +121,8 @@ def train_one_epoch(args: argparse.Namespace, accelerator: Accelerator, model: t
               leave=False, dynamic_ncols=True, disable=not accelerator.is_main_process) as bar:
         for batch in loader:
             x = batch["image"]
+            if args.channels_last:  # the weights' layout (train_setup.py): one copy, then no reorders
+                x = x.contiguous(memory_format=torch.channels_last)
             if step == 0 and recipe.output_bias == "mean":  # a fresh run's first batch, over all ranks
                 set_output_bias(model, accelerator.reduce(x.float().mean((0, 2, 3)), reduction="mean"))
             for group in optimizer.param_groups:

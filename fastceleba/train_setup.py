@@ -90,6 +90,8 @@ def set_up(args: argparse.Namespace) -> Run:
     recipe = recipe_from_args(args)
     set_seed(args.seed)  # the same initial weights on every rank
     model = initialize(build_model(args.model, args.latent_dim), recipe.init, recipe.logvar_bias, recipe.icnr)
+    if args.channels_last:  # before Adam, so its state takes the same layout; train_one_epoch converts x
+        model = model.to(memory_format=torch.channels_last)
 
     def loader(split: str, **kw: Any) -> Any:
         kw.setdefault("batch_size", args.batch_size)

@@ -164,6 +164,21 @@ def test_resume_after_interruption_equals_uninterrupted_run(data, tmp_path):
     assert metrics(cut)[1]["train_loss"] == metrics(tmp_path / "whole")[1]["train_loss"]
 
 
+def test_channels_last_changes_the_speed_not_the_numbers(data, tmp_path):
+    """--channels-last (the default) keeps the weights and each batch NHWC: the same model to rounding, and
+    checkpoints that resume in either layout (safetensors refuses channels-last strides: they are saved
+    contiguous)."""
+    common = ["--model", "vae", "--data", data, "--no-pictures", "--sample-features", "none", *FAST]
+    ok(run(*common, "--epochs", "1", "--out", tmp_path / "nhwc"))
+    ok(run(*common, "--epochs", "1", "--out", tmp_path / "nchw", "--no-channels-last"))
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("nhwc", "nchw"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # 25 Adam steps from the same start
+    proc = ok(run(*common, "--epochs", "2", "--out", tmp_path / "nchw", "--resume"))  # on in channels-last
+    assert "resuming from" in proc.stdout + proc.stderr
+    assert [r["epoch"] for r in metrics(tmp_path / "nchw")] == [1, 2]
+
+
 def test_two_cpu_processes_train_together(data, tmp_path):
     out = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
