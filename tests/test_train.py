@@ -179,6 +179,21 @@ def test_channels_last_changes_the_speed_not_the_numbers(data, tmp_path):
     assert [r["epoch"] for r in metrics(tmp_path / "nchw")] == [1, 2]
 
 
+def test_the_script_trains_with_the_gc_on_and_its_imports_frozen(data, tmp_path):
+    """train.py as a script keeps the cyclic GC off while it imports torch and sets up (it would rescan
+    those objects again and again), then freezes them and trains with the GC on: no cycles pile up."""
+    probe = ("import gc, runpy, sys\n"
+             f"sys.argv = ['train.py', '--data', {str(data)!r}, '--out', {str(tmp_path / 'run')!r}, '--epochs', '1',"
+             " '--no-pictures', '--sample-features', 'none', '--loader', 'cache', '--batch-size', '8',"
+             " '--workers', '1', '--max-steps', '2']\n"
+             "try:\n    runpy.run_path('fastceleba/train.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+             "print('gc', gc.isenabled(), gc.get_freeze_count())\n")
+    proc = ok(subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=600))
+    enabled, frozen = proc.stdout.split()[-2:]
+    assert enabled == "True" and int(frozen) > 100_000, proc.stdout[-500:]
+
+
 def test_two_cpu_processes_train_together(data, tmp_path):
     out = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
