@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"feeding from {feed} ...", file=sys.stderr, flush=True)
         report["fed"].append(fed_in_subprocess({
             "feed": feed, "device": str(device), "model": args.fed_model, "mode": args.fed_mode,
-            "precision": args.fed_precision, "layout": args.fed_layout, "batch_size": args.batch_size, "steps": args.steps,
-            "repeats": args.repeats, "warmup": args.warmup, "workers": args.workers,
+            "precision": args.fed_precision, "layout": args.fed_layout, "batch_size": args.batch_size,
+            "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "workers": args.workers,
             "data": str(data), "data_rgb": str(raw)}))
     report["machine"]["load_avg_at_end"] = round(os.getloadavg()[0], 2)
     print(table(report))
