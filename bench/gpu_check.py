@@ -70,6 +70,7 @@ PATHS = {
     "fp16": "CUDA training under fp16 autocast with the GradScaler",
     "bf16": "CUDA training under bf16 autocast",
     "compile": "--compile under Inductor/Triton on the GPU",
+    "channels-last": "channels-last weights and batches (train.py's default) under cuDNN",
     "fp16-scaler-resume": "an fp16 checkpoint's scaler.pt saved, then --resume",
     "cuda-autocast-eval": "CUDA autocast in evaluation and pictures",
     "cuda-generators": "CUDA generators in metrics, pictures and sampling",
@@ -405,7 +406,7 @@ def make_items() -> list[Item]:
     for model in ("ae", "vae"):
         for compile in (False, True):
             for precision in ("fp32", "fp16", "bf16"):
-                covers = [model, precision, "default-loader", "cuda-generators"]
+                covers = [model, precision, "default-loader", "cuda-generators", "channels-last"]
                 covers += ["cuda-autocast-eval"] if precision != "fp32" else []
                 covers += ["compile"] if compile else []
                 needs = ("cuda", "bf16") if precision == "bf16" else ("cuda",)
